@@ -1,0 +1,85 @@
+"""One Lightning datamodule for every dataset: a factory ``dataset(split=...)`` per config.
+
+Every dataset yields ``(image (3, H, W) float [0, 1], label int, object_mask (1, H, W) {0, 1})``;
+the object mask is 1 on the object (converted to keep masks with ``keep = 1 - object``
+where a mask is needed).
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset
+
+from masktrain.errors import check
+
+SPLIT_NAMES = ("train", "val", "test")
+
+
+class MaskDataModule(L.LightningDataModule):
+    """Builds train/val/test sets from ``dataset(split=name)``.
+
+    Train sets that define ``set_epoch`` get the trainer's epoch before each train
+    loader is built (the trainer reloads loaders every epoch), so synthetic data is
+    fresh every epoch and identical on resume.
+
+    Args:
+        dataset: factory (a Hydra ``_partial_``) returning a Dataset for a split name.
+        num_classes: number of classes the dataset's labels index.
+        mean: dataset mean colour in [0, 1] (the ``grey`` fill).
+    """
+
+    def __init__(
+        self,
+        dataset: Callable[..., Dataset],
+        num_classes: int,
+        name: str = "dataset",
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        num_workers: int = 1,
+        mean: Sequence[float] = (0.485, 0.456, 0.406),
+        pin_memory: bool = False,
+        **_: object,
+    ) -> None:
+        super().__init__()
+        check(int(batch_size) >= 1, f"data.batch_size={batch_size} must be a positive integer")
+        check(int(num_workers) >= 0, f"data.num_workers={num_workers} must be >= 0")
+        check(len(mean) == 3, f"data.mean={list(mean)!r} must be three numbers (R, G, B)")
+        self.dataset_factory = dataset
+        self.name, self.num_classes = name, int(num_classes)
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size or 2 * batch_size)
+        self.num_workers, self.pin_memory = int(num_workers), bool(pin_memory)
+        self.mean = tuple(float(m) for m in mean)
+        self._sets: dict[str, Dataset] = {}
+
+    def dataset(self, split: str) -> Dataset:
+        """The dataset of one split, built once."""
+        check(split in SPLIT_NAMES, f"split {split!r} is unknown; choose one of {list(SPLIT_NAMES)}")
+        if split not in self._sets:
+            self._sets[split] = self.dataset_factory(split=split)
+        return self._sets[split]
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        ds = self.dataset(split)
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size if split == "train" else self.eval_batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle and len(ds) > self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        ds = self.dataset("train")
+        if hasattr(ds, "set_epoch"):
+            ds.set_epoch(self.trainer.current_epoch if self.trainer is not None else 0)
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

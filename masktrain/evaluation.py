@@ -1,0 +1,211 @@
+"""Run shape-leakage probes on one model and return the report dict.
+
+:func:`evaluate` is the core the ``evaluate.py`` CLI wraps (and a multi-checkpoint study
+can call): it loads the evaluation set once, runs each probe per masking method on this
+rank's shard of rows (``rank::world_size``, so DistributedSampler padding never duplicates
+a sample), gathers per-sample records with their row indices from all ranks, and computes
+every statistic on the complete, deduplicated set — identical on every rank.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from masktrain import stats
+from masktrain.errors import UserError, check
+from masktrain.fills import IMAGENET_MEAN
+from masktrain.methods import get_method
+from masktrain.probes import PROBES, ProbeContext, get_probe
+
+DEFAULT_PROBES = ("object_removal", "shape_only", "linear_probe", "mask_only", "missingness_curve")
+DEFAULT_METHODS = ("black", "grey", "noise", "blur")
+SUBSETS = ("all", "correct")
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather_records(records: dict[str, Tensor], shard: Tensor, total: int) -> dict[str, np.ndarray]:
+    """Per-sample records of every rank, placed at their global row: ``{name: (total, ...)}``.
+
+    Each rank holds rows ``shard``; rows are disjoint across ranks, and the result is
+    checked to cover each row exactly once, so counts are exact under DDP.
+    """
+    rank, world = _world()
+    parts = [(shard, records)]
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, (shard.cpu(), {k: v.cpu() for k, v in records.items()}))
+    seen = np.zeros(total, dtype=np.int64)
+    out: dict[str, np.ndarray] = {}
+    for rows, recs in parts:
+        rows_np = rows.numpy()
+        np.add.at(seen, rows_np, 1)
+        for name, value in recs.items():
+            v = value.numpy()
+            if name not in out:
+                out[name] = np.zeros((total,) + v.shape[1:], dtype=v.dtype)
+            out[name][rows_np] = v
+    if not (seen == 1).all():
+        raise RuntimeError(f"gathered records cover rows {int((seen == 0).sum())} times zero and {int((seen > 1).sum())} times twice or more")
+    return out
+
+
+def _resolve_data(data: Any, split: str, need_train: bool, mean, num_classes) -> tuple[Dataset, Dataset | None, tuple, int, str]:
+    """(eval dataset, train dataset or None, mean colour, number of classes, name) from a datamodule or a dataset."""
+    if hasattr(data, "dataset") and callable(data.dataset):
+        ds = data.dataset(split)
+        train = None
+        if need_train and split != "train":
+            try:
+                train = data.dataset("train")
+            except Exception:  # noqa: BLE001 - a datamodule without a train split falls back to cross-fitting
+                train = None
+        return ds, train, tuple(mean or data.mean), int(num_classes or data.num_classes), str(getattr(data, "name", type(ds).__name__))
+    check(isinstance(data, Dataset) or hasattr(data, "__getitem__"), f"evaluate() needs a datamodule or a dataset, got {type(data).__name__}")
+    k = num_classes or getattr(data, "num_classes", None)
+    check(k is not None, "evaluate() on a plain dataset needs num_classes=")
+    return data, None, tuple(mean or IMAGENET_MEAN), int(k), type(data).__name__
+
+
+def load_split(ds: Dataset, indices: Sequence[int], batch_size: int) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Images ``(N, 3, H, W)``, labels ``(N,)`` and object masks ``(N, 1, H, W)`` (None if the dataset has none)."""
+    loader = DataLoader(Subset(ds, list(indices)), batch_size=batch_size, shuffle=False, num_workers=0,
+                        collate_fn=lambda items: items)
+    images, labels, objects = [], [], []
+    has_objects = True
+    for items in loader:
+        for item in items:
+            check(isinstance(item, (tuple, list)) and len(item) >= 2, "dataset samples must be (image, label[, object_mask]) tuples")
+            images.append(torch.as_tensor(item[0], dtype=torch.float32))
+            labels.append(int(item[1]))
+            obj = item[2] if len(item) >= 3 else None
+            has_objects = has_objects and obj is not None
+            if has_objects:
+                objects.append((torch.as_tensor(obj, dtype=torch.float32).reshape(1, *images[-1].shape[-2:]) > 0.5).float())
+    img = torch.stack(images)
+    check(img.dim() == 4 and img.shape[1] == 3, f"dataset images must be (3, H, W), got {tuple(img.shape[1:])}")
+    return img, torch.tensor(labels, dtype=torch.long), torch.stack(objects) if has_objects and objects else None
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def evaluate(
+    model: nn.Module,
+    data: Any,
+    probes: Sequence[str] = DEFAULT_PROBES,
+    methods: Sequence[str] = DEFAULT_METHODS,
+    *,
+    split: str = "test",
+    n_images: int | None = None,
+    batch_size: int = 256,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    options: dict[str, dict] | None = None,
+    n_boot: int = 1000,
+    mean: Sequence[float] | None = None,
+    num_classes: int | None = None,
+    class_names: Sequence[str] | None = None,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Run ``probes`` × ``methods`` on ``model`` and return the report dict (schema: docs/probes.md).
+
+    model: pixel-space classifier, ``images (B, 3, H, W) in [0, 1] -> logits (B, K)``, with
+    ``.features(images) -> (B, D)`` for ``linear_probe``. data: a MaskDataModule (split
+    ``split``; its train split feeds ``mask_only``) or a dataset of ``(image, label, object_mask)``.
+    """
+    log = log or (lambda msg: None)
+    started = time.perf_counter()
+    probes, methods = list(probes), list(methods)
+    check(len(probes) > 0, "probes=[] is empty; choose from " + str(list(PROBES)))
+    probe_objs = [get_probe(p) for p in probes]
+    check(len(methods) > 0 or all(p.key_kind != "method" for p in probe_objs), "methods=[] is empty")
+    for m in methods:
+        get_method(m)  # unknown names fail here, before any work
+    need_objects = [p.name for p in probe_objs if p.needs_object_masks]
+    ds, train_ds, mean, k, ds_name = _resolve_data(data, split, "mask_only" in probes, mean, num_classes)
+    total = len(ds)
+    check(total > 0, f"the {split} split is empty")
+    n = total if not n_images else min(int(n_images), total)
+    indices = torch.arange(n)
+
+    images, labels, objects = load_split(ds, indices.tolist(), batch_size)
+    if objects is None and need_objects:
+        raise UserError(f"dataset {ds_name!r} has no object masks, which probes {need_objects} need; "
+                        f"use a dataset with segmentations or probes=[missingness_curve]")
+    check(int(labels.max()) < k and int(labels.min()) >= 0, f"dataset labels reach {int(labels.max())} but num_classes={k}")
+    names = list(class_names or getattr(ds, "classes", None) or [str(c) for c in range(k)])
+    dev = _device(device)
+    model = model.to(dev).eval()
+    rank, world = _world()
+    ctx = ProbeContext(model=model, images=images, labels=labels, objects=objects, num_classes=k, class_names=names,
+                       mean=tuple(float(x) for x in mean), device=dev, shard=indices[rank::world], batch_size=int(batch_size),
+                       seed=int(seed), n_boot=int(n_boot), options=dict(options or {}), dataset=ds, dataset_indices=indices,
+                       train_dataset=train_ds)
+    log(f"evaluating {n} {split} images of {ds_name} ({k} classes) on {dev}, rank {rank}/{world}")
+
+    with torch.inference_mode():
+        clean_logits = [model(images[rows].to(dev)).float().cpu() for rows in ctx.batches()]
+    clean_logits = torch.cat(clean_logits) if clean_logits else torch.zeros(0, k)
+    if clean_logits.shape[1] != k:
+        raise UserError(f"the model outputs {clean_logits.shape[1]} classes but the dataset has {k}; "
+                        f"evaluate on the data the model was trained for")
+    base = gather_records({"clean_pred": clean_logits.argmax(1)}, ctx.shard, n)
+    base["label"] = labels.numpy()
+    subsets = {"all": np.ones(n, dtype=bool), "correct": base["clean_pred"] == base["label"]}
+    clean = {s: stats.proportion(base["clean_pred"][r] == base["label"][r], base["label"][r], k, None, names, s)
+             for s, r in subsets.items()}
+
+    report_probes: dict[str, dict] = {}
+    timings: dict[str, float] = {}
+    for probe in probe_objs:
+        report_probes[probe.name] = {}
+        for key in probe.keys(ctx, methods):
+            t0 = time.perf_counter()
+            records = gather_records(probe.collect(ctx, key), ctx.shard, n)
+            records.update(base)
+            entry = probe.summarise(ctx, key, records, subsets["all"], "all")
+            entry["correct"] = probe.summarise(ctx, key, records, subsets["correct"], "correct")
+            entry["key_kind"] = probe.key_kind
+            report_probes[probe.name][key] = entry
+            timings[f"{probe.name}/{key}"] = round(time.perf_counter() - t0, 3)
+            log(f"  {probe.name:18s} {key:14s} value={_fmt(entry.get('value'))} ci95={_fmt_ci(entry.get('ci95'))} ({timings[f'{probe.name}/{key}']:.1f}s)")
+
+    flags = [f"{p}/{key}: {flag}" for p, cols in report_probes.items() for key, e in cols.items() for flag in e.get("flags", [])]
+    if clean["all"]["ci95"][0] <= 1.0 / k:
+        flags.append("model: unmasked accuracy is not above chance; no probe result means the model reads or ignores shape")
+    return {
+        "schema_version": 1,
+        "probes": report_probes,
+        "model": {"name": getattr(model, "name", type(model).__name__) or type(model).__name__, "num_classes": k,
+                  "parameters": int(sum(p.numel() for p in model.parameters()))},
+        "dataset": {"name": ds_name, "split": split, "n": n, "size": n, "total": total, "num_classes": k, "classes": names,
+                    "image_size": list(images.shape[-2:]), "mean": list(ctx.mean), "object_masks": objects is not None,
+                    "clean_accuracy": clean["all"], "correct_subset_n": int(subsets["correct"].sum())},
+        "clean_accuracy": clean,
+        "flags": flags,
+        "config": {"probes": probes, "methods": methods, "split": split, "n_images": n, "batch_size": batch_size,
+                   "seed": seed, "n_boot": n_boot, "options": dict(options or {}), "world_size": world},
+        "timing": {"total_s": round(time.perf_counter() - started, 3), "per_probe_s": timings, "device": str(dev)},
+    }
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def _fmt_ci(ci) -> str:
+    return "n/a" if not ci else f"[{_fmt(ci[0])}, {_fmt(ci[1])}]"

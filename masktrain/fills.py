@@ -1,0 +1,126 @@
+"""Colour fills: replace removed pixels in pixel space, batched on the device.
+
+``fill(images, keep, method)`` returns ``images * keep + colour * (1 - keep)``.
+No fill reads removed pixels, so a filled image depends on the visible content and
+the mask only (the same guarantee layer masking gives).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from masktrain.errors import UserError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+
+FillFn = Callable[..., Tensor]
+FILLS: dict[str, FillFn] = {}
+
+
+def register_fill(name: str) -> Callable[[FillFn], FillFn]:
+    def decorate(fn: FillFn) -> FillFn:
+        FILLS[name] = fn
+        return fn
+
+    return decorate
+
+
+def _mean_colour(images: Tensor, mean: Sequence[float]) -> Tensor:
+    return torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
+
+
+@register_fill("black")
+def black(images: Tensor, keep: Tensor, generator=None, mean=IMAGENET_MEAN) -> Tensor:
+    return torch.zeros_like(images)
+
+
+@register_fill("grey")
+def grey(images: Tensor, keep: Tensor, generator=None, mean=IMAGENET_MEAN) -> Tensor:
+    """The dataset mean colour."""
+    return _mean_colour(images, mean).expand_as(images)
+
+
+@register_fill("mean")
+def per_image_mean(images: Tensor, keep: Tensor, generator=None, mean=IMAGENET_MEAN) -> Tensor:
+    """Each image's mean colour over its visible pixels (dataset mean if none is visible)."""
+    visible = keep.sum(dim=(2, 3), keepdim=True)
+    colour = (images * keep).sum(dim=(2, 3), keepdim=True) / visible.clamp_min(1)
+    colour = torch.where(visible > 0, colour, _mean_colour(images, mean))
+    return colour.expand_as(images)
+
+
+@register_fill("random_colour")
+def random_colour(images: Tensor, keep: Tensor, generator=None, mean=IMAGENET_MEAN) -> Tensor:
+    """One uniform random colour per image."""
+    B, C = images.shape[:2]
+    colour = torch.rand(B, C, 1, 1, generator=generator, device=images.device, dtype=images.dtype)
+    return colour.expand_as(images)
+
+
+@register_fill("noise")
+def noise(images: Tensor, keep: Tensor, generator=None, mean=IMAGENET_MEAN) -> Tensor:
+    """Independent uniform noise per pixel and channel."""
+    return torch.rand(images.shape, generator=generator, device=images.device, dtype=images.dtype)
+
+
+def _gaussian_kernel(sigma: float, device, dtype) -> Tensor:
+    radius = max(1, int(math.ceil(3 * sigma)))
+    x = torch.arange(-radius, radius + 1, device=device, dtype=dtype)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return k / k.sum()
+
+
+def _separable_blur(x: Tensor, sigma: float) -> Tensor:
+    C = x.shape[1]
+    k = _gaussian_kernel(sigma, x.device, x.dtype)
+    r = k.numel() // 2
+    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="constant"), k.view(1, 1, 1, -1).expand(C, 1, 1, -1), groups=C)
+    return F.conv2d(F.pad(x, (0, 0, r, r), mode="constant"), k.view(1, 1, -1, 1).expand(C, 1, -1, 1), groups=C)
+
+
+@register_fill("blur")
+def blur(images: Tensor, keep: Tensor, generator=None, mean=IMAGENET_MEAN, sigma_fraction: float = 0.1) -> Tensor:
+    """A heavy blur of the *visible* surroundings (normalised convolution), sigma = 10% of the side.
+
+    Blurring the original image would leak the removed content through its low
+    frequencies; normalising by the blurred mask fills holes from visible pixels only.
+    Where no visible pixel is within reach, the dataset mean colour is used.
+    """
+    sigma = max(1.0, sigma_fraction * min(images.shape[-2:]))
+    num = _separable_blur(images * keep, sigma)
+    den = _separable_blur(keep, sigma)
+    colour = num / den.clamp_min(1e-6)
+    return torch.where(den > 1e-4, colour, _mean_colour(images, mean).expand_as(images))
+
+
+def fill(
+    images: Tensor,
+    keep: Tensor,
+    method: str,
+    generator: torch.Generator | None = None,
+    mean: Sequence[float] = IMAGENET_MEAN,
+) -> Tensor:
+    """Fill removed pixels of ``images`` ``(B, 3, H, W)`` where ``keep`` ``(B, 1, H, W)`` is 0.
+
+    Returns a new ``(B, 3, H, W)`` tensor; visible pixels are returned unchanged.
+    """
+    if method not in FILLS:
+        raise UserError(f"fill {method!r} is unknown; choose one of {sorted(FILLS)}")
+    colour = FILLS[method](images, keep, generator=generator, mean=mean)
+    return torch.where(keep.bool(), images, colour)
+
+
+class Fill:
+    """Transform-class wrapper of :func:`fill`, e.g. ``Fill("grey")(images, keep)``."""
+
+    def __init__(self, method: str, mean: Sequence[float] = IMAGENET_MEAN) -> None:
+        if method not in FILLS:
+            raise UserError(f"fill {method!r} is unknown; choose one of {sorted(FILLS)}")
+        self.method, self.mean = method, tuple(mean)
+
+    def __call__(self, images: Tensor, keep: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        return fill(images, keep, self.method, generator, self.mean)

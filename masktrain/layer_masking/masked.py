@@ -1,0 +1,50 @@
+"""The value carried through a layer-masked graph, and the per-forward mask cache.
+
+A :class:`Masked` pairs activations ``a`` ``(B, C, h, w)`` with a keep mask ``m``
+``(B, 1, h, w)`` (1 = visible). Invariant: ``a`` is exactly zero where ``m == 0``,
+so sums over all positions are sums over visible positions and zero-preserving
+functions (``f(0) = 0``) need no re-masking.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Hashable, Tuple
+
+from torch import Tensor
+
+
+@dataclass
+class Masked:
+    """Activations ``a`` ``(B, C, h, w)``, zero where the keep mask ``m`` ``(B, 1, h, w)`` is 0."""
+
+    a: Tensor
+    m: Tensor
+
+
+class MaskCache:
+    """Mask-only results computed once per distinct mask within one forward.
+
+    Many convolutions share a mask (every conv of a ResNet stage after its first), so
+    pooled masks and neighbour-padding coefficients are keyed by ``(id(mask), key)``.
+    The mask object itself is kept alive in the entry so its ``id`` cannot be reused.
+    """
+
+    def __init__(self) -> None:
+        self._store: Dict[Tuple[int, Hashable], Tuple[Any, Any]] = {}
+
+    def get(self, mask: Tensor, key: Hashable, compute: Callable[[], Any]) -> Any:
+        k = (id(mask), key)
+        hit = self._store.get(k)
+        if hit is None:
+            hit = (mask, compute())
+            self._store[k] = hit
+        return hit[1]
+
+    def const(self, key: Hashable, compute: Callable[[], Any]) -> Any:
+        """A mask-independent constant (e.g. a box filter) built once per forward."""
+        k = (0, key)
+        hit = self._store.get(k)
+        if hit is None:
+            hit = (None, compute())
+            self._store[k] = hit
+        return hit[1]

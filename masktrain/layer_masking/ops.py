@@ -1,0 +1,418 @@
+"""Per-op layer-masking rules, in registries keyed by module type, function, or method name.
+
+A rule ``run(ctx, target, args, kwargs)`` receives arguments in which masked activations
+are :class:`Masked` and everything else is as usual; it is called only when at least one
+argument is masked (ops on plain tensors, e.g. the head after global pooling, run as
+they are). ``static(node, target)`` is consulted once at conversion: it returns whether
+the op's output is still masked, or raises :class:`UserError` for an unsupported use.
+The mask rule of each op is documented in ``docs/layer_masking.md``.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, fx, nn
+
+from masktrain.errors import UserError
+from masktrain.layer_masking.batch_norm import masked_batch_norm
+from masktrain.layer_masking.masked import MaskCache, Masked
+from masktrain.layer_masking.neighbour_padding import neighbour_pad, pool_mask, rounds_for_kernel
+
+
+class Ctx:
+    """Per-forward state handed to rules: the mask cache and where in the model we are (for errors)."""
+
+    def __init__(self) -> None:
+        self.cache = MaskCache()
+        self.where = ""
+
+    def fail(self, op: str, reason: str) -> UserError:
+        return UserError(f"layer masking does not support {op} at {self.where}: {reason}")
+
+
+Run = Callable[[Ctx, Any, tuple, dict], Any]
+Static = Callable[[fx.Node, Any], bool]
+
+
+@dataclass(frozen=True)
+class Rule:
+    run: Run
+    static: Optional[Static] = None  # None: output stays masked
+
+
+MODULE_RULES: Dict[type, Rule] = {}
+FUNCTION_RULES: Dict[Callable, Rule] = {}
+METHOD_RULES: Dict[str, Rule] = {}
+
+
+def _register(table: dict, keys: Sequence, run: Run, static: Optional[Static] = None) -> None:
+    for key in keys:
+        table[key] = Rule(run, static)
+
+
+def _unsupported(op: str, reason: str) -> UserError:
+    return UserError(f"layer masking does not support {op}: {reason}")
+
+
+def _plain(node: fx.Node, target: Any) -> bool:
+    return False
+
+
+# --------------------------------------------------------------------------- pointwise
+
+
+def _zero_preserving_module(ctx: Ctx, mod: nn.Module, args: tuple, kwargs: dict) -> Masked:
+    # f(0) = 0 and a is already 0 where removed, so f(a·m)·m = f(a): no re-masking needed.
+    x = args[0]
+    return Masked(mod(x.a), x.m)
+
+
+def _remask_module(ctx: Ctx, mod: nn.Module, args: tuple, kwargs: dict) -> Masked:
+    x = args[0]
+    return Masked(mod(x.a) * x.m, x.m)
+
+
+def _zero_preserving_function(ctx: Ctx, fn: Callable, args: tuple, kwargs: dict) -> Masked:
+    x = args[0]
+    return Masked(fn(x.a, *args[1:], **kwargs), x.m)
+
+
+def _remask_function(ctx: Ctx, fn: Callable, args: tuple, kwargs: dict) -> Masked:
+    x = args[0]
+    return Masked(fn(x.a, *args[1:], **kwargs) * x.m, x.m)
+
+
+def _method(name: str) -> Callable:
+    return lambda t, *args, **kwargs: getattr(t, name)(*args, **kwargs)
+
+
+ZERO_PRESERVING_MODULES = (
+    nn.Identity, nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Mish, nn.LeakyReLU, nn.ELU,
+    nn.Tanh, nn.PReLU, nn.Dropout, nn.Dropout2d,
+)
+REMASK_MODULES = (nn.Sigmoid, nn.Hardsigmoid)
+ZERO_PRESERVING_FUNCTIONS = (
+    F.relu, torch.relu, F.relu6, F.silu, F.gelu, F.hardswish, F.mish, F.leaky_relu, F.elu, torch.tanh,
+    F.dropout, F.dropout2d,
+)
+REMASK_FUNCTIONS = (torch.sigmoid, F.sigmoid, F.hardsigmoid)
+
+_register(MODULE_RULES, ZERO_PRESERVING_MODULES, _zero_preserving_module)
+_register(MODULE_RULES, REMASK_MODULES, _remask_module)
+_register(FUNCTION_RULES, ZERO_PRESERVING_FUNCTIONS, _zero_preserving_function)
+_register(FUNCTION_RULES, REMASK_FUNCTIONS, _remask_function)
+for _name in ("relu", "tanh", "contiguous", "float", "to", "type_as", "clone"):
+    # dtype/device/layout changes keep zeros zero; masks follow the activations' dtype on use
+    METHOD_RULES[_name] = Rule(lambda ctx, name, args, kwargs: Masked(getattr(args[0].a, name)(*args[1:], **kwargs), args[0].m))
+for _name in ("sigmoid",):
+    METHOD_RULES[_name] = Rule(
+        lambda ctx, name, args, kwargs: Masked(getattr(args[0].a, name)(*args[1:], **kwargs) * args[0].m, args[0].m)
+    )
+
+
+# --------------------------------------------------------------------------- masks
+
+
+def intersect(ctx: Ctx, masks: Sequence[Tensor]) -> Tuple[Tensor, bool]:
+    """``(mask, same)``: the product of ``masks`` ``(B, 1, h, w)``, and whether all were the same mask.
+
+    When the intersection equals one of the inputs that object is returned, so the caches
+    keyed by mask identity keep hitting (a ResNet block's output mask usually equals its input's).
+    """
+    first = masks[0]
+    if all(m is first for m in masks[1:]):
+        return first, True
+    out = first
+    for m in masks[1:]:
+        out = out * m
+    for m in masks:
+        if torch.equal(out, m):
+            return m, all(torch.equal(m, other) for other in masks)
+    return out, False
+
+
+# --------------------------------------------------------------------------- binary ops
+
+
+def _additive(ctx: Ctx, fn: Callable, args: tuple, kwargs: dict) -> Masked:
+    x, y = args[0], args[1]
+    if isinstance(x, Masked) and isinstance(y, Masked):
+        mask, same = intersect(ctx, [x.m, y.m])
+        out = fn(x.a, y.a, *args[2:], **kwargs)
+        return Masked(out if same else out * mask, mask)
+    masked = x if isinstance(x, Masked) else y
+    xa = x.a if isinstance(x, Masked) else x
+    ya = y.a if isinstance(y, Masked) else y
+    return Masked(fn(xa, ya, *args[2:], **kwargs) * masked.m, masked.m)
+
+
+def _multiplicative(ctx: Ctx, fn: Callable, args: tuple, kwargs: dict) -> Masked:
+    x, y = args[0], args[1]
+    if isinstance(x, Masked) and isinstance(y, Masked):
+        mask, _ = intersect(ctx, [x.m, y.m])
+        return Masked(fn(x.a, y.a, *args[2:], **kwargs), mask)  # 0 wherever either is removed
+    masked = x if isinstance(x, Masked) else y
+    xa = x.a if isinstance(x, Masked) else x
+    ya = y.a if isinstance(y, Masked) else y
+    return Masked(fn(xa, ya, *args[2:], **kwargs), masked.m)
+
+
+def _divide(ctx: Ctx, fn: Callable, args: tuple, kwargs: dict) -> Masked:
+    if isinstance(args[1], Masked):
+        raise ctx.fail("division by a masked activation", "removed positions would divide by zero")
+    return _multiplicative(ctx, fn, args, kwargs)
+
+
+_register(FUNCTION_RULES, (operator.add, operator.iadd, torch.add, operator.sub, operator.isub, torch.sub), _additive)
+_register(FUNCTION_RULES, (operator.mul, operator.imul, torch.mul), _multiplicative)
+_register(FUNCTION_RULES, (operator.truediv, operator.itruediv, torch.div), _divide)
+for _name, _fn in (("add", torch.add), ("add_", torch.add), ("sub", torch.sub), ("sub_", torch.sub)):
+    METHOD_RULES[_name] = Rule(lambda ctx, name, args, kwargs, _fn=_fn: _additive(ctx, _fn, args, kwargs))
+for _name, _fn in (("mul", torch.mul), ("mul_", torch.mul)):
+    METHOD_RULES[_name] = Rule(lambda ctx, name, args, kwargs, _fn=_fn: _multiplicative(ctx, _fn, args, kwargs))
+for _name, _fn in (("div", torch.div), ("div_", torch.div)):
+    METHOD_RULES[_name] = Rule(lambda ctx, name, args, kwargs, _fn=_fn: _divide(ctx, _fn, args, kwargs))
+
+
+def _cat_dim(node: fx.Node) -> int:
+    return node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+
+
+def _cat_static(node: fx.Node, target: Any) -> bool:
+    if _cat_dim(node) not in (1, -3):
+        raise _unsupported("concatenation", f"only along channels (dim=1); got dim={_cat_dim(node)}")
+    return True
+
+
+def _cat(ctx: Ctx, fn: Callable, args: tuple, kwargs: dict) -> Masked:
+    # Intersection rule: a position is visible in the result only if visible in every input.
+    parts = list(args[0])
+    if not all(isinstance(p, Masked) for p in parts):
+        raise ctx.fail("concatenation", "mixing masked activations with plain tensors")
+    mask, same = intersect(ctx, [p.m for p in parts])
+    out = fn([p.a for p in parts], *args[1:], **kwargs)
+    return Masked(out if same else out * mask, mask)
+
+
+_register(FUNCTION_RULES, (torch.cat, torch.concat), _cat, _cat_static)
+
+
+# --------------------------------------------------------------------------- attributes
+
+
+def _attribute(ctx: Ctx, fn: Callable, args: tuple, kwargs: dict) -> Any:
+    return getattr(args[0].a, args[1])
+
+
+_register(FUNCTION_RULES, (getattr,), _attribute, _plain)
+for _name in ("size", "dim"):
+    METHOD_RULES[_name] = Rule(lambda ctx, name, args, kwargs: getattr(args[0].a, name)(*args[1:], **kwargs), _plain)
+
+
+# --------------------------------------------------------------------------- convolution
+
+
+def _conv_padding(conv: nn.Conv2d) -> Tuple[int, int]:
+    if isinstance(conv.padding, str):
+        if conv.padding == "valid":
+            return (0, 0)
+        total = [d * (k - 1) for k, d in zip(conv.kernel_size, conv.dilation)]
+        if any(t % 2 for t in total):
+            raise _unsupported("Conv2d(padding='same') with an even kernel extent", "asymmetric padding")
+        return (total[0] // 2, total[1] // 2)
+    return tuple(conv.padding)
+
+
+def _conv_static(node: fx.Node, conv: nn.Conv2d) -> bool:
+    if conv.padding_mode != "zeros":
+        raise _unsupported(f"Conv2d(padding_mode={conv.padding_mode!r}) at {node.target}", "only zero padding")
+    _conv_padding(conv)
+    return True
+
+
+def _conv(ctx: Ctx, conv: nn.Conv2d, args: tuple, kwargs: dict) -> Masked:
+    x = args[0]
+    rounds = rounds_for_kernel(conv.kernel_size, conv.dilation)
+    out = conv(neighbour_pad(x.a, x.m, rounds, ctx.cache))
+    geometry = (tuple(conv.kernel_size), tuple(conv.stride), _conv_padding(conv), tuple(conv.dilation))
+    mask = ctx.cache.get(x.m, ("maxpool",) + geometry, lambda: pool_mask(x.m, *geometry))
+    if geometry[0] == (1, 1) and geometry[2] == (0, 0) and conv.bias is None:
+        return Masked(out, mask)  # each output reads one input position: already 0 where removed
+    return Masked(out * mask, mask)
+
+
+_register(MODULE_RULES, (nn.Conv2d,), _conv, _conv_static)
+
+
+# --------------------------------------------------------------------------- pooling
+
+
+def _pair(v) -> Tuple[int, int]:
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def _max_pool(ctx: Ctx, pool: nn.MaxPool2d, args: tuple, kwargs: dict) -> Masked:
+    # Paper rule: pool a (removed positions hold 0), then keep only windows that saw a visible pixel.
+    x = args[0]
+    geometry = (_pair(pool.kernel_size), _pair(pool.stride or pool.kernel_size), _pair(pool.padding),
+                _pair(pool.dilation), pool.ceil_mode)
+    mask = ctx.cache.get(x.m, ("maxpool",) + geometry, lambda: pool_mask(x.m, *geometry))
+    return Masked(pool(x.a) * mask, mask)
+
+
+def _max_pool_static(node: fx.Node, pool: nn.MaxPool2d) -> bool:
+    if pool.return_indices:
+        raise _unsupported(f"MaxPool2d(return_indices=True) at {node.target}", "indices are not maskable")
+    return True
+
+
+def _avg_pool(ctx: Ctx, pool: nn.AvgPool2d, args: tuple, kwargs: dict) -> Masked:
+    # Paper rule: average a (removed positions count as 0); visible where the window saw a visible pixel.
+    x = args[0]
+    key = ("avgpool", _pair(pool.kernel_size), _pair(pool.stride or pool.kernel_size), _pair(pool.padding),
+           pool.ceil_mode, pool.count_include_pad)
+    mask = ctx.cache.get(x.m, key, lambda: (pool(x.m) > 0).to(x.m.dtype))
+    return Masked(pool(x.a) * mask, mask)
+
+
+def _is_global(output_size) -> bool:
+    return all(s == 1 for s in _pair(output_size))
+
+
+def _masked_mean(x: Masked, keepdim: bool) -> Tensor:
+    """Mean over visible positions per channel: ``(B, C, 1, 1)`` or ``(B, C)``; 0 when nothing is visible."""
+    count = x.m.sum(dim=(2, 3), keepdim=keepdim).clamp(min=1)
+    return x.a.sum(dim=(2, 3), keepdim=keepdim) / count
+
+
+def _adaptive_avg_static(node: fx.Node, target: Any) -> bool:
+    size = target.output_size if isinstance(target, nn.Module) else node.kwargs.get("output_size", node.args[1])
+    return not _is_global(size)
+
+
+def _adaptive_avg(ctx: Ctx, output_size, x: Masked) -> Any:
+    if _is_global(output_size):
+        return _masked_mean(x, keepdim=True)  # mask consumed: a plain (B, C, 1, 1) tensor
+    total = F.adaptive_avg_pool2d(x.a, output_size)
+    share = F.adaptive_avg_pool2d(x.m, output_size)
+    mask = (share > 0).to(x.m.dtype)
+    return Masked(total / share.clamp(min=1e-12) * mask, mask)
+
+
+_register(MODULE_RULES, (nn.MaxPool2d,), _max_pool, _max_pool_static)
+_register(MODULE_RULES, (nn.AvgPool2d,), _avg_pool)
+_register(MODULE_RULES, (nn.AdaptiveAvgPool2d,),
+          lambda ctx, mod, args, kwargs: _adaptive_avg(ctx, mod.output_size, args[0]), _adaptive_avg_static)
+_register(FUNCTION_RULES, (F.adaptive_avg_pool2d,),
+          lambda ctx, fn, args, kwargs: _adaptive_avg(ctx, kwargs.get("output_size", args[1] if len(args) > 1 else None), args[0]),
+          _adaptive_avg_static)
+
+
+def _adaptive_max_static(node: fx.Node, pool: nn.AdaptiveMaxPool2d) -> bool:
+    if not _is_global(pool.output_size) or pool.return_indices:
+        raise _unsupported(f"AdaptiveMaxPool2d({pool.output_size}) at {node.target}", "only global max pooling")
+    return False
+
+
+def _adaptive_max(ctx: Ctx, pool: nn.AdaptiveMaxPool2d, args: tuple, kwargs: dict) -> Tensor:
+    x = args[0]
+    hidden = x.a.masked_fill(x.m == 0, float("-inf")).amax(dim=(2, 3), keepdim=True)
+    return torch.where(torch.isinf(hidden), torch.zeros_like(hidden), hidden)  # nothing visible: 0
+
+
+_register(MODULE_RULES, (nn.AdaptiveMaxPool2d,), _adaptive_max, _adaptive_max_static)
+
+
+def _spatial_dims(dims, ndim: int = 4) -> Optional[set]:
+    if dims is None:
+        return None
+    dims = dims if isinstance(dims, (tuple, list)) else (dims,)
+    return {d % ndim for d in dims}
+
+
+def _mean_args(node_or_args, kwargs) -> Tuple[Any, bool]:
+    dims = kwargs.get("dim", node_or_args[1] if len(node_or_args) > 1 else None)
+    keepdim = kwargs.get("keepdim", node_or_args[2] if len(node_or_args) > 2 else False)
+    return dims, keepdim
+
+
+def _mean_static(node: fx.Node, target: Any) -> bool:
+    dims, _ = _mean_args(node.args, node.kwargs)
+    if _spatial_dims(dims) != {2, 3}:
+        raise _unsupported(f"mean over dims {dims} at {node.name}", "only the spatial mean over (2, 3) is maskable")
+    return False
+
+
+def _mean(ctx: Ctx, target: Any, args: tuple, kwargs: dict) -> Tensor:
+    _, keepdim = _mean_args(args, kwargs)
+    return _masked_mean(args[0], keepdim=bool(keepdim))
+
+
+_register(FUNCTION_RULES, (torch.mean,), _mean, _mean_static)
+METHOD_RULES["mean"] = Rule(_mean, _mean_static)
+
+
+# --------------------------------------------------------------------------- normalisation
+
+
+def _batch_norm(ctx: Ctx, bn: nn.Module, args: tuple, kwargs: dict) -> Masked:
+    return masked_batch_norm(bn, args[0], ctx.cache)
+
+
+def apply_module(ctx: Ctx, mod: nn.Module, x: Masked) -> Any:
+    """Run ``mod`` on a masked value through its registered rule (for modules inside leaf modules)."""
+    rule = MODULE_RULES.get(type(mod))
+    if rule is None:
+        raise ctx.fail(type(mod).__name__, "no layer-masking rule for this module type")
+    return rule.run(ctx, mod, (x,), {})
+
+
+def _batch_norm_act(ctx: Ctx, bn: nn.Module, args: tuple, kwargs: dict) -> Masked:
+    # timm's BatchNormAct2d = batch norm, then its own drop and act submodules.
+    x = masked_batch_norm(bn, args[0], ctx.cache)
+    return apply_module(ctx, bn.act, apply_module(ctx, bn.drop, x))
+
+
+def _batch_norm_act_static(node: fx.Node, bn: nn.Module) -> bool:
+    for sub in (bn.drop, bn.act):
+        if type(sub) not in MODULE_RULES:
+            raise _unsupported(f"{type(sub).__name__} inside {node.target}", "no layer-masking rule for this module type")
+    return True
+
+
+_register(MODULE_RULES, (nn.BatchNorm2d,), _batch_norm)
+
+try:  # timm is a dependency of masktrain, but keep the core usable without it
+    from timm.layers import BatchNormAct2d, DropPath, LayerNorm2d
+
+    _register(MODULE_RULES, (BatchNormAct2d,), _batch_norm_act, _batch_norm_act_static)
+    # LayerNorm2d normalises over channels at each position: per-position, so f(a)·m.
+    _register(MODULE_RULES, (LayerNorm2d,), _remask_module)
+    _register(MODULE_RULES, (DropPath,), _zero_preserving_module)  # per-sample scaling
+except ImportError:  # pragma: no cover
+    pass
+
+try:
+    from torchvision.ops import StochasticDepth, stochastic_depth
+
+    _register(MODULE_RULES, (StochasticDepth,), _zero_preserving_module)
+    _register(FUNCTION_RULES, (stochastic_depth,), _zero_preserving_function)
+except ImportError:  # pragma: no cover
+    pass
+
+
+# --------------------------------------------------------------------------- spatial structure lost
+
+SHAPE_OPS = ("flatten", "view", "reshape", "permute", "transpose", "unbind", "chunk", "split", "squeeze",
+             "unsqueeze", "expand", "__getitem__", "getitem", "linear", "layer_norm", "unfold")
+
+
+def describe_missing(op: str) -> str:
+    """Why an op without a rule cannot take a masked activation."""
+    if any(s == op or op.endswith(s) for s in SHAPE_OPS):
+        return "it reshapes or mixes spatial positions of a masked activation, so the mask cannot follow"
+    return "no layer-masking rule for this op"

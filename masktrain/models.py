@@ -1,0 +1,106 @@
+"""Pixel-space classifiers: a timm backbone behind its own normalisation.
+
+:class:`Classifier` takes images in [0, 1] ``(B, 3, H, W)`` so that fills are applied
+in pixel space and the model normalises afterwards (DESIGN: "Pixel space").
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import timm
+import torch
+from torch import Tensor, nn
+
+from masktrain.errors import UserError
+from masktrain.weights import load_weights
+
+
+class _PooledFeatures(nn.Module):
+    """``x -> backbone.forward_head(backbone.forward_features(x), pre_logits=True)``: ``(B, D)``."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
+
+
+class Classifier(nn.Module):
+    """``forward(images)``: images ``(B, 3, H, W)`` in [0, 1] -> logits ``(B, K)``."""
+
+    def __init__(self, backbone: nn.Module, mean: Sequence[float], std: Sequence[float], name: str = "") -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.name = name
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
+        # Converted (layer-masked) views share parameters with `backbone`; kept out of
+        # the module tree so state_dict and parameters() list each weight once.
+        self.__dict__["_layer_masked"] = {}
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.backbone.num_classes)
+
+    def normalize(self, images: Tensor) -> Tensor:
+        return (images - self.mean) / self.std
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.backbone(self.normalize(images))
+
+    def features(self, images: Tensor) -> Tensor:
+        """Pooled pre-logit features ``(B, D)``."""
+        return self.backbone.forward_head(self.backbone.forward_features(self.normalize(images)), pre_logits=True)
+
+    def layer_masked(self, output: str = "logits") -> nn.Module:
+        """The backbone converted to layer masking, called as ``m(normalised_x, keep)``.
+
+        ``output`` is ``"logits"`` or ``"features"`` (pooled pre-logits). Converted once
+        and cached; parameters and buffers are the backbone's own.
+        """
+        cache = self.__dict__["_layer_masked"]
+        if output not in cache:
+            try:
+                from masktrain.layer_masking import layer_mask
+            except ImportError as exc:  # pragma: no cover - only before layer masking exists
+                raise UserError(f"mask.method=layer is not available: {exc}") from exc
+            target = self.backbone if output == "logits" else _PooledFeatures(self.backbone)
+            cache[output] = layer_mask(target)
+        return cache[output]
+
+
+def create_model(
+    name: str,
+    num_classes: int,
+    pretrained: bool = False,
+    checkpoint_path: str | None = None,
+    **kwargs,
+) -> Classifier:
+    """Build a timm model by name, optionally with hub or local weights, as a pixel-space Classifier.
+
+    ``pretrained=True`` uses timm's hub loading; ``checkpoint_path`` loads a local
+    ``.pth``/``.pt``/``.safetensors`` state dict or a masktrain Lightning checkpoint.
+    When the checkpoint's classifier has another number of classes, only the head is
+    re-initialised (as timm does).
+    """
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name}*")[:8]
+        hint = f" (similar: {', '.join(close)})" if close else ""
+        raise UserError(f"model.name={name!r} is not a timm model{hint}")
+    try:
+        backbone = timm.create_model(name, pretrained=bool(pretrained), num_classes=int(num_classes), **kwargs)
+    except Exception as exc:
+        if pretrained:
+            raise UserError(
+                f"could not load pretrained weights for {name!r} from the timm hub ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:200] if str(exc) else 'no detail'}); without network access pass "
+                f"model.pretrained=false model.checkpoint_path=<local weights file>"
+            ) from exc
+        raise UserError(f"could not build model {name!r}: {exc}") from exc
+    if checkpoint_path:
+        load_weights(backbone, checkpoint_path)
+    cfg = getattr(backbone, "pretrained_cfg", {}) or {}
+    mean = cfg.get("mean", (0.485, 0.456, 0.406))
+    std = cfg.get("std", (0.229, 0.224, 0.225))
+    return Classifier(backbone, mean, std, name=name)

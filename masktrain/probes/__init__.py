@@ -1,0 +1,12 @@
+"""Shape-leakage probes, registered by name in :data:`PROBES`.
+
+Each probe evaluates per masking method (or per mask kind, for ``mask_only``) in two
+steps: ``collect`` runs the model on this rank's shard and returns per-sample records;
+``summarise`` turns the records of all ranks into a report entry (see docs/probes.md).
+"""
+from masktrain.probes.base import PROBES, Probe, ProbeContext, get_probe, register_probe
+
+# Importing the modules registers the probes.
+from masktrain.probes import object_removal, shape_only, linear_probe, mask_only, missingness_curve  # noqa: E402,F401
+
+__all__ = ["PROBES", "Probe", "ProbeContext", "get_probe", "register_probe"]

@@ -1,0 +1,172 @@
+"""Probe inputs: control holes (bounding box, "broken"), class-neutral donors, silhouette
+partners for the shuffled control, and how visible a fill is on its donor.
+
+Object masks are ``(B, 1, H, W)`` {0, 1} with 1 = object; every function here returns
+keep masks (1 = visible), per the package convention.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from masktrain.errors import UserError
+from masktrain.probes.base import ProbeContext
+
+
+def silhouette_keep(objects: Tensor) -> Tensor:
+    """Remove exactly the object: keep ``(B, 1, H, W)``."""
+    return 1.0 - (objects > 0.5).float()
+
+
+def bbox_keep(objects: Tensor) -> Tensor:
+    """Remove the object's bounding box (covers the object, carries no shape beyond its extent)."""
+    obj = objects > 0.5
+    rows, cols = obj.any(dim=3, keepdim=True), obj.any(dim=2, keepdim=True)  # (B,1,H,1), (B,1,1,W)
+    H, W = objects.shape[-2:]
+    ar_h = torch.arange(H, device=objects.device).view(1, 1, H, 1)
+    ar_w = torch.arange(W, device=objects.device).view(1, 1, 1, W)
+    big = max(H, W) + 1
+    top = torch.where(rows, ar_h, big).amin(dim=2, keepdim=True)
+    bottom = torch.where(rows, ar_h, -1).amax(dim=2, keepdim=True)
+    left = torch.where(cols, ar_w, big).amin(dim=3, keepdim=True)
+    right = torch.where(cols, ar_w, -1).amax(dim=3, keepdim=True)
+    inside = (ar_h >= top) & (ar_h <= bottom) & (ar_w >= left) & (ar_w <= right)
+    return (~inside).float()
+
+
+def broken_keep(objects: Tensor) -> Tensor:
+    """The paper's "broken" mask: the silhouette rolled by half the image in both directions."""
+    H, W = objects.shape[-2:]
+    return silhouette_keep(torch.roll(objects, shifts=(H // 2, W // 2), dims=(2, 3)))
+
+
+CONTROL_HOLES: dict[str, Callable[[Tensor], Tensor]] = {
+    "silhouette": silhouette_keep,
+    "bbox": bbox_keep,
+    "broken": broken_keep,
+}
+
+# --- donors: class-neutral content, built for all N rows once and cached -------------
+
+DonorFn = Callable[[ProbeContext], Tensor]
+DONORS: dict[str, DonorFn] = {}
+
+
+def register_donor(name: str) -> Callable[[DonorFn], DonorFn]:
+    def decorate(fn: DonorFn) -> DonorFn:
+        DONORS[name] = fn
+        return fn
+
+    return decorate
+
+
+@register_donor("grey")
+def grey_donor(ctx: ProbeContext) -> Tensor:
+    """Constant dataset mean colour."""
+    N = ctx.images.shape[0]
+    colour = torch.tensor(ctx.mean, dtype=torch.float32).view(1, 3, 1, 1)
+    return colour.expand(N, 3, *ctx.size)
+
+
+@register_donor("noise")
+def noise_donor(ctx: ProbeContext) -> Tensor:
+    """Uniform per-pixel noise (mean 0.5), one fixed draw per row."""
+    return torch.rand(ctx.images.shape, generator=ctx.generator(stream=101))
+
+
+@register_donor("background")
+def background_donor(ctx: ProbeContext) -> Tensor:
+    """The image's own background without its object (datasets that can render it)."""
+    ds, idx = ctx.dataset, ctx.dataset_indices
+    render = getattr(ds, "background", None)
+    if render is None and _is_shapes(ds):
+        render = lambda i: shapes_background(ds, i)  # noqa: E731
+    if render is None or idx is None:
+        raise UserError(
+            f"donor 'background' needs a dataset that renders backgrounds without the object "
+            f"({type(ds).__name__} does not); use probe_options.shape_only.donors=[grey,noise]"
+        )
+    return torch.stack([torch.as_tensor(render(int(i)), dtype=torch.float32) for i in idx.tolist()])
+
+
+def _is_shapes(ds) -> bool:
+    from masktrain.data.shapes import ShapesDataset
+
+    return isinstance(ds, ShapesDataset)
+
+
+def shapes_background(ds, index: int) -> Tensor:
+    """Re-render sample ``index``'s background by replaying its random stream up to the background draw.
+
+    Mirrors the draw order of ``ShapesDataset.sample``; :func:`check_background` verifies it
+    against real samples so a change there fails loudly instead of silently.
+    """
+    rng = ds._rng(index)
+    rng.integers(ds.num_classes)
+    r = rng.uniform(*ds.radius)
+    rng.uniform(r, 1 - r, size=2)
+    rng.uniform(0, 2 * np.pi)
+    return torch.from_numpy(np.ascontiguousarray(ds._background(rng)))
+
+
+def check_background(images: Tensor, objects: Tensor, backgrounds: Tensor) -> None:
+    """The rendered backgrounds must equal the images wherever there is no object."""
+    outside = objects < 0.5
+    err = ((images - backgrounds).abs() * outside).amax()
+    if float(err) > 1e-4:
+        raise RuntimeError(f"background donors do not match the images outside the object (max error {float(err):.3g}); "
+                           f"ShapesDataset changed its draw order, update masktrain.probes.inputs.shapes_background")
+
+
+def donor(ctx: ProbeContext, name: str) -> Tensor:
+    """All N donor images ``(N, 3, H, W)`` for donor ``name`` (cached)."""
+    if name not in DONORS:
+        raise UserError(f"donor {name!r} is unknown; choose from {list(DONORS)}")
+    key = f"donor/{name}"
+    if key not in ctx.cache:
+        images = DONORS[name](ctx)
+        if name == "background":
+            check_background(ctx.images, ctx.require_objects("shape_only"), images)
+        ctx.cache[key] = images
+    return ctx.cache[key]
+
+
+def other_class_partner(labels: Tensor, generator: torch.Generator, tries: int = 64) -> Tensor:
+    """For each row, a random row whose label differs: ``(N,)`` int64 (same label only if no other exists)."""
+    N = labels.shape[0]
+    cand = torch.randint(0, N, (N, tries), generator=generator)
+    differs = labels[cand] != labels[:, None]
+    first = torch.where(differs.any(dim=1), differs.float().argmax(dim=1), torch.zeros(N, dtype=torch.long))
+    return cand.gather(1, first[:, None]).squeeze(1)
+
+
+def fill_contrast(method, donors: Tensor, keep: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """How visible the fill is on its donor, per sample, over the removed pixels.
+
+    Returns ``(contrast (B,), pixel_diff (B,))``: contrast = mean over channels of
+    |mean(fill) − mean(donor)| + |std(fill) − std(donor)| — a distribution difference,
+    so noise filled into noise scores ~0 although pixels differ; pixel_diff = mean |fill − donor|.
+    NaN for methods with no pixel fill (e.g. layer masking, which reads no removed pixel).
+    """
+    B = donors.shape[0]
+    apply = getattr(method, "apply", None)
+    if apply is None:
+        nan = torch.full((B,), float("nan"))
+        return nan, nan.clone()
+    filled = apply(donors, keep, generator)
+    removed = (1 - keep).expand_as(donors)
+    count = removed.sum(dim=(2, 3)).clamp_min(1)
+
+    def moments(x: Tensor) -> tuple[Tensor, Tensor]:
+        m = (x * removed).sum(dim=(2, 3)) / count
+        v = (((x - m[..., None, None]) ** 2) * removed).sum(dim=(2, 3)) / count
+        return m, v.sqrt()
+
+    mf, sf = moments(filled)
+    md, sd = moments(donors)
+    contrast = ((mf - md).abs() + (sf - sd).abs()).mean(dim=1)
+    pixel = ((filled - donors).abs() * removed).sum(dim=(1, 2, 3)) / count.sum(dim=1)
+    return contrast.cpu(), pixel.cpu()

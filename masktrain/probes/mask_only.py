@@ -1,0 +1,116 @@
+"""``mask_only`` (ROAD-style): how much class information the keep masks carry at all.
+
+A tiny CNN sees only the keep mask (no image), is trained on masks of a train split and
+scored on the evaluation masks. It is the ceiling on what a mask can leak; method
+independent, so its report keys are mask kinds (``silhouette``, ``bbox``, ``broken``).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from masktrain.probes.base import Probe, ProbeContext, accuracy_entry, register_probe
+from masktrain.probes.inputs import CONTROL_HOLES
+
+DEFAULTS = {"kinds": ["silhouette", "bbox"], "train_size": 2000, "epochs": 6, "batch_size": 64, "lr": 3e-3, "resolution": 32}
+
+
+def options(ctx: ProbeContext) -> dict:
+    return {**DEFAULTS, **ctx.opts("mask_only")}
+
+
+class MaskNet(nn.Module):
+    """``(B, 1, r, r)`` keep mask -> logits ``(B, K)``."""
+
+    def __init__(self, num_classes: int, width: int = 32) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(width, 2 * width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.head = nn.Linear(2 * width, num_classes)
+
+    def forward(self, keep: Tensor) -> Tensor:
+        return self.head(self.body(keep * 2 - 1))
+
+
+def _resize(keep: Tensor, resolution: int) -> Tensor:
+    # Area-average so thin structures survive as grey values rather than vanish.
+    return keep if keep.shape[-1] == resolution else F.adaptive_avg_pool2d(keep, resolution)
+
+
+def train_split(ctx: ProbeContext, size: int) -> tuple[Tensor, Tensor, str]:
+    """Object masks ``(n, 1, H, W)`` and labels ``(n,)`` to fit on, and where they came from."""
+    if "mask_only/train" not in ctx.cache:
+        ds = ctx.train_dataset
+        if ds is not None:
+            n = min(size, len(ds))
+            items = [ds[i] for i in range(n)]
+            objects = torch.stack([torch.as_tensor(it[2], dtype=torch.float32) for it in items])
+            labels = torch.tensor([int(it[1]) for it in items])
+            ctx.cache["mask_only/train"] = (objects, labels, "train split")
+        else:
+            ctx.cache["mask_only/train"] = (None, None, "cross-fit on the evaluation set (2 folds)")
+    return ctx.cache["mask_only/train"]
+
+
+def fit(objects: Tensor, labels: Tensor, kind: str, ctx: ProbeContext, opts: dict) -> MaskNet:
+    torch.manual_seed(ctx.seed)  # identical model on every rank
+    net = MaskNet(ctx.num_classes).to(ctx.device)
+    opt = torch.optim.AdamW(net.parameters(), lr=opts["lr"])
+    keep = _resize(CONTROL_HOLES[kind](objects), opts["resolution"])
+    g = torch.Generator().manual_seed(ctx.seed)
+    n, bs = keep.shape[0], int(opts["batch_size"])
+    steps = max(1, int(opts["epochs"]) * max(1, n // bs))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=opts["lr"], total_steps=steps)
+    net.train()
+    for _ in range(steps):
+        idx = torch.randint(0, n, (bs,), generator=g)
+        x, y = ctx.to_device(keep[idx], labels[idx])
+        loss = F.cross_entropy(net(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return net.eval()
+
+
+@register_probe
+class MaskOnly(Probe):
+    name = "mask_only"
+    key_kind = "mask"
+
+    def keys(self, ctx, methods):
+        return list(options(ctx)["kinds"])
+
+    def collect(self, ctx: ProbeContext, key: str) -> dict[str, Tensor]:
+        opts = options(ctx)
+        objects = ctx.require_objects(self.name)
+        train_obj, train_lab, source = train_split(ctx, int(opts["train_size"]))
+        keep = _resize(CONTROL_HOLES[key](objects[ctx.shard]), opts["resolution"])
+        if train_obj is not None:
+            net = fit(train_obj, train_lab, key, ctx, opts)
+            with torch.inference_mode():
+                pred = torch.cat([net(ctx.to_device(b)[0]).argmax(1).cpu() for b in torch.split(keep, ctx.batch_size)])
+        else:
+            # Cross-fit: rows with even global index train the model scoring odd rows, and vice versa.
+            pred = torch.empty(len(ctx.shard), dtype=torch.long)
+            for part in (0, 1):
+                fit_rows = torch.nonzero(torch.arange(len(ctx.labels)) % 2 == part).squeeze(1)
+                net = fit(objects[fit_rows], ctx.labels[fit_rows], key, ctx, opts)
+                score = (ctx.shard % 2) != part
+                with torch.inference_mode():
+                    if score.any():
+                        pred[score] = net(ctx.to_device(keep[score])[0]).argmax(1).cpu()
+        ctx.cache["mask_only/source"] = source
+        return {"pred": pred}
+
+    def summarise(self, ctx, key, records, rows, subset):
+        labels = records["label"][rows]
+        entry = accuracy_entry(ctx, labels, records["pred"][rows], subset)
+        entry.update(metric="accuracy of a classifier that sees only the keep mask",
+                     trained_on=ctx.cache.get("mask_only/source"), flags=[])
+        return entry

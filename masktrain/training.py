@@ -1,0 +1,141 @@
+"""Build everything a training run needs from its config, and run it.
+
+``train(cfg, run_dir)`` is what ``python train.py`` calls once Hydra has composed the
+config; tests call it directly with a config composed through Hydra's API.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from masktrain.callbacks import AtomicCheckpointIO, MaskedSampleGrid
+from masktrain.checkpoint import read_checkpoint
+from masktrain.errors import UserError, check
+from masktrain.lit_module import MaskTrainModule
+from masktrain.masks import RandomKeepMask
+from masktrain.methods import get_method
+
+log = logging.getLogger(__name__)
+_MASK_KEYS = ("method", "kind", "p")
+
+
+def build_masks(mask_cfg: DictConfig) -> tuple[RandomKeepMask | None, RandomKeepMask]:
+    """(training mask sampler or None, validation sampler applied to every image)."""
+    params = {k: v for k, v in OmegaConf.to_container(mask_cfg, resolve=True).items() if k not in _MASK_KEYS}
+    kind, p = mask_cfg.get("kind"), float(mask_cfg.get("p", 0.0))
+    if not kind:
+        return None, RandomKeepMask("rectangles", 1.0)
+    augment = RandomKeepMask(kind, p, **params)
+    return (augment if p > 0 else None), RandomKeepMask(kind, 1.0, **params)
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Cheap checks of a composed training config (before any directory is made)."""
+    import timm
+
+    check(cfg.get("mask") is not None, "the config has no mask group; pass mask=<none|rectangles|...>")
+    get_method(str(cfg.mask.method))
+    build_masks(cfg.mask)
+    name = cfg.model.name
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name}*")[:8]
+        raise UserError(f"model.name={name!r} is not a timm model" + (f" (similar: {', '.join(close)})" if close else ""))
+    for key in ("trainer.max_epochs", "data.batch_size", "data.num_classes", "seed"):
+        value = OmegaConf.select(cfg, key)
+        check(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+              f"{key}={value!r} must be a non-negative integer")
+    check(int(cfg.trainer.max_epochs) >= 1, f"trainer.max_epochs={cfg.trainer.max_epochs} must be >= 1")
+    for key in ("optim.lr", "optim.weight_decay", "optim.warmup_fraction"):
+        value = OmegaConf.select(cfg, key)
+        check(isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0,
+              f"{key}={value!r} must be a non-negative number")
+    for key in ("init_from", "ckpt_path"):
+        if cfg.get(key):
+            check(Path(cfg[key]).is_file(), f"{key}={cfg[key]!r} does not exist; give a checkpoint file")
+
+
+def _resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
+    if cfg.get("ckpt_path"):
+        return str(cfg.ckpt_path)
+    if not cfg.get("resume"):
+        return None
+    own = run_dir / "checkpoints" / "last.ckpt"
+    if own.is_file():
+        return str(own)
+    # A fresh timestamped directory: continue the newest earlier run of this recipe.
+    earlier = sorted(run_dir.parent.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    earlier = [p for p in earlier if run_dir not in p.parents]
+    if not earlier:
+        raise UserError(f"resume=true found no checkpoints/last.ckpt in {str(run_dir)!r} or beside it; start without resume")
+    log.info("resuming from %s", earlier[-1])
+    return str(earlier[-1])
+
+
+def _logger(cfg: DictConfig, run_dir: Path):
+    if not cfg.get("logger") or not cfg.logger.get("_target_"):
+        return False
+    target = str(cfg.logger._target_)
+    if target.endswith("WandbLogger"):
+        os.environ.setdefault("WANDB_SILENT", "true")
+        kwargs: dict[str, Any] = dict(save_dir=str(run_dir), name=f"{cfg.name}-seed{cfg.seed}", group=cfg.get("study"))
+        if cfg.logger.get("offline", True):
+            os.environ["WANDB_MODE"] = "offline"
+        logger = hydra.utils.instantiate(cfg.logger, **kwargs)
+        if logger.experiment is not None and hasattr(logger.experiment, "config"):
+            logger.experiment.config.update(OmegaConf.to_container(cfg, resolve=True), allow_val_change=True)
+        return logger
+    return hydra.utils.instantiate(cfg.logger, save_dir=str(run_dir))
+
+
+def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
+    """Train one run into ``run_dir``; returns the final validation metrics."""
+    run_dir = Path(run_dir)
+    validate_config(cfg)
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    init_from = cfg.get("init_from")
+    model = hydra.utils.instantiate(cfg.model, checkpoint_path=init_from or cfg.model.get("checkpoint_path"))
+    if init_from:
+        read_checkpoint(init_from)  # a clear error when it is not one of ours
+    augment, val_mask = build_masks(cfg.mask)
+    module = MaskTrainModule(
+        model=model,
+        augment=augment,
+        val_mask=val_mask,
+        method=str(cfg.mask.method),
+        mean=tuple(datamodule.mean),
+        lr=cfg.optim.lr,
+        weight_decay=cfg.optim.weight_decay,
+        warmup_fraction=cfg.optim.warmup_fraction,
+        seed=int(cfg.seed),
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
+    checkpoints = [
+        ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/acc_clean", mode="max",
+                        save_top_k=1, save_last=True, enable_version_counter=False, auto_insert_metric_name=False),
+    ]
+    callbacks = checkpoints + [MaskedSampleGrid(run_dir / "samples", cfg.samples.every_n_epochs)]
+    trainer = hydra.utils.instantiate(
+        cfg.trainer, default_root_dir=str(run_dir), callbacks=callbacks, logger=_logger(cfg, run_dir),
+        plugins=[AtomicCheckpointIO()],
+    )
+    if trainer.is_global_zero:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_checkpoint(cfg, run_dir))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    metrics["global_step"] = int(trainer.global_step)
+    if trainer.is_global_zero:
+        tmp = run_dir / ".metrics.json.tmp"
+        tmp.write_text(json.dumps(metrics, indent=2))
+        tmp.replace(run_dir / "metrics.json")
+    return metrics

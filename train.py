@@ -1,0 +1,53 @@
+"""Fine-tune a timm CNN with random-mask augmentation.
+
+    python train.py recipe=mask_aug
+    python train.py recipe=layer_mask_aug trainer.max_epochs=4
+    python train.py -m recipe=baseline,mask_aug seed=0,1,2
+    python train.py recipe=mask_aug trainer=ddp trainer.accelerator=cpu trainer.devices=2
+
+Recipes live in recipes/recipe/; any value can be overridden on the command line.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from masktrain.cli import preflight, remove_run_dir
+from masktrain.errors import UserError, exit_on_user_error
+
+
+def _has_checkpoints(run_dir: Path) -> bool:
+    return any((run_dir / "checkpoints").glob("*.ckpt"))
+
+
+@hydra.main(config_path="recipes", config_name="train", version_base="1.3")
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from masktrain.training import train
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    try:
+        metrics = train(cfg, run_dir)
+    except (UserError, KeyboardInterrupt):
+        remove_run_dir(run_dir, keep_if=_has_checkpoints)
+        raise
+    table = Table(title=f"{cfg.name} (seed {cfg.seed}) — {run_dir}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    from masktrain.training import validate_config
+
+    preflight("train", sys.argv[1:], validate_config)
+    main()
