@@ -14,7 +14,8 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, open_dict
 
 from masktrain.cli import preflight, remove_run_dir
 from masktrain.errors import UserError, exit_on_user_error
@@ -32,7 +33,11 @@ def main(cfg: DictConfig) -> None:
 
     from masktrain.training import train
 
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    if cfg.get("study") is None and hydra_cfg.mode == RunMode.MULTIRUN:
+        with open_dict(cfg):  # runs of one sweep share a W&B group
+            cfg.study = Path(hydra_cfg.sweep.dir).name
     try:
         metrics = train(cfg, run_dir)
     except (UserError, KeyboardInterrupt):

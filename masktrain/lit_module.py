@@ -20,7 +20,7 @@ from masktrain.methods import get_method
 from masktrain.models import Classifier
 from masktrain.rng import step_generator
 
-TRAIN_STREAM, VAL_STREAM = 0, 1
+TRAIN_STREAM, VAL_STREAM, PREVIEW_STREAM = 0, 1, 2
 
 
 class MaskTrainModule(L.LightningModule):
@@ -71,18 +71,20 @@ class MaskTrainModule(L.LightningModule):
         images, labels, objects = batch
         if self.augment is None:
             logits = self.model(images)
-            shown = images
+            shown = images[:32]
         else:
             g = self._generator(self.global_step, TRAIN_STREAM)
             keep = self.augment(images.shape[0], images.shape[-2:], g, self.device, object_masks=objects)
-            logits = self.method.logits(self.model, images, keep, g)
-            shown = images * keep
+            if batch_idx == 0:  # separate stream: looking must not change the training draws
+                preview = self._generator(self.global_step, PREVIEW_STREAM)
+                shown = self.method.render(images[:32].clone(), keep[:32], preview)
+            logits = self.method.logits(self.model, images, keep, g, inplace=True)
         loss = F.cross_entropy(logits, labels)
         self.train_acc(logits, labels)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
         self.log("train/acc", self.train_acc, prog_bar=True, on_step=False, on_epoch=True)
         if batch_idx == 0:
-            self.last_masked_batch = shown[:32].detach()
+            self.last_masked_batch = shown.detach()
         return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:

@@ -81,11 +81,13 @@ def rectangles(
     top = torch.floor(torch.rand(shape, generator=generator, device=device) * (H - h + 1))
     left = torch.floor(torch.rand(shape, generator=generator, device=device) * (W - w + 1))
     active = torch.arange(cmax, device=device)[None, :] < n  # (B, cmax)
-    ys = torch.arange(H, device=device, dtype=h.dtype)[None, None, :, None]
-    xs = torch.arange(W, device=device, dtype=h.dtype)[None, None, None, :]
-    inside_y = (ys >= top[..., None, None]) & (ys < (top + h)[..., None, None])
-    inside_x = (xs >= left[..., None, None]) & (xs < (left + w)[..., None, None])
-    removed = (inside_y & inside_x & active[..., None, None]).any(dim=1, keepdim=True)
+    # Separable: a rectangle is (rows inside) ⊗ (columns inside); never build (B, cmax, H, W) floats.
+    ys = torch.arange(H, device=device, dtype=h.dtype)
+    xs = torch.arange(W, device=device, dtype=h.dtype)
+    rows = (ys >= top[..., None]) & (ys < (top + h)[..., None]) & active[..., None]  # (B, cmax, H)
+    cols = (xs >= left[..., None]) & (xs < (left + w)[..., None])  # (B, cmax, W)
+    removed = rows[..., :, None] & cols[..., None, :]
+    removed = removed[:, :1] if cmax == 1 else removed.any(dim=1, keepdim=True)
     return (~removed).float()
 
 
@@ -132,7 +134,8 @@ def blobs(
     object_masks: Tensor | None = None,
 ) -> Tensor:
     """Thresholded smooth noise: low-resolution noise (``scale`` cells across) upsampled
-    bicubically, thresholded per sample at the quantile that removes ``area`` of the image.
+    bicubically, thresholded per sample at the quantile that removes ``area`` of the image
+    (exact up to 64×64, within about 1% of the image above).
 
     Returns: keep ``(B, 1, H, W)``.
     """
@@ -141,14 +144,15 @@ def blobs(
     check_range("mask.area", (amin, amax), 0.0, 1.0, lo_open=True)
     check(int(scale) >= 2, f"mask.scale={scale!r} must be an integer >= 2")
     low = torch.rand(batch_size, 1, int(scale), int(scale), generator=generator, device=device)
-    field = F.interpolate(low, size=(H, W), mode="bicubic", align_corners=False).view(batch_size, -1)
+    field = F.interpolate(low, size=(H, W), mode="bicubic", align_corners=False)
     a = _uniform((batch_size,), amin, amax, generator, device)
-    k = torch.clamp(torch.round(a * H * W).long(), 1, H * W)
-    # Break ties with tiny noise so the removed count is exact.
-    field = field + 1e-6 * torch.rand(field.shape, generator=generator, device=device)
-    sorted_field = field.sort(dim=1).values
-    threshold = sorted_field.gather(1, (k - 1)[:, None])
-    removed = field <= threshold
+    # The field is smooth, so its quantile on a strided subsample (<= 64² points) is the
+    # full-resolution quantile to within a fraction of a percent, at a fraction of the cost.
+    stride = max(1, min(H, W) // 64)
+    sample = field[:, :, ::stride, ::stride].reshape(batch_size, -1)
+    k = torch.clamp(torch.round(a * sample.shape[1]).long(), 1, sample.shape[1])
+    threshold = sample.sort(dim=1).values.gather(1, (k - 1)[:, None])
+    removed = field.view(batch_size, -1) <= threshold
     return (~removed).float().view(batch_size, 1, H, W)
 
 

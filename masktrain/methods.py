@@ -18,11 +18,19 @@ from masktrain.models import Classifier
 
 
 class MaskingMethod:
-    """Base: ``logits(...) -> (B, K)``, ``features(...) -> (B, D)``."""
+    """Base: ``logits(...) -> (B, K)``, ``features(...) -> (B, D)``, ``render(...) -> (B, 3, H, W)``.
+
+    ``inplace=True`` lets a method overwrite ``images`` (the training step does, to
+    avoid allocating a second batch).
+    """
 
     name: str = ""
 
-    def logits(self, model: Classifier, images: Tensor, keep: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    def logits(self, model: Classifier, images: Tensor, keep: Tensor, generator: torch.Generator | None = None, inplace: bool = False) -> Tensor:
+        raise NotImplementedError
+
+    def render(self, images: Tensor, keep: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """What the model receives, in pixel space, for looking at."""
         raise NotImplementedError
 
     def features(self, model: Classifier, images: Tensor, keep: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -38,11 +46,14 @@ class FillMethod(MaskingMethod):
     def __init__(self, name: str, mean: Sequence[float] = IMAGENET_MEAN) -> None:
         self.name, self.mean = name, tuple(mean)
 
-    def apply(self, images: Tensor, keep: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        return fill(images, keep, self.name, generator, self.mean)
+    def apply(self, images: Tensor, keep: Tensor, generator: torch.Generator | None = None, inplace: bool = False) -> Tensor:
+        return fill(images, keep, self.name, generator, self.mean, inplace)
 
-    def logits(self, model, images, keep, generator=None):
-        return model(self.apply(images, keep, generator))
+    def render(self, images, keep, generator=None):
+        return self.apply(images, keep, generator)
+
+    def logits(self, model, images, keep, generator=None, inplace=False):
+        return model(self.apply(images, keep, generator, inplace))
 
     def features(self, model, images, keep, generator=None):
         return model.features(self.apply(images, keep, generator))
@@ -53,7 +64,10 @@ class LayerMethod(MaskingMethod):
 
     name = "layer"
 
-    def logits(self, model, images, keep, generator=None):
+    def render(self, images, keep, generator=None):
+        return images * keep
+
+    def logits(self, model, images, keep, generator=None, inplace=False):
         return model.layer_masked("logits")(model.normalize(images * keep), keep)
 
     def features(self, model, images, keep, generator=None):

@@ -15,7 +15,7 @@ import hydra
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from masktrain.callbacks import AtomicCheckpointIO, MaskedSampleGrid
 from masktrain.checkpoint import read_checkpoint
@@ -80,6 +80,21 @@ def _resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
     return str(earlier[-1])
 
 
+def resolve_init(cfg: DictConfig, run_dir: Path) -> str | None:
+    """The checkpoint a run starts from: ``init_from``, else (``finetune.from_recipe``) the
+    same seed's run of that recipe in the same sweep (``<sweep>/<recipe>/seed<seed>``)."""
+    if cfg.get("init_from"):
+        return str(cfg.init_from)
+    source = OmegaConf.select(cfg, "finetune.from_recipe")
+    if not source:
+        return None
+    candidate = run_dir.parent.parent / str(source) / f"seed{cfg.seed}" / "checkpoints" / "last.ckpt"
+    if candidate.is_file():
+        return str(candidate)
+    log.warning("no %s checkpoint at %s: training %s from scratch", source, candidate, cfg.name)
+    return None
+
+
 def _logger(cfg: DictConfig, run_dir: Path):
     if not cfg.get("logger") or not cfg.logger.get("_target_"):
         return False
@@ -101,11 +116,16 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
     run_dir = Path(run_dir)
     validate_config(cfg)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    datamodule = hydra.utils.instantiate(cfg.data)
-    init_from = cfg.get("init_from")
-    model = hydra.utils.instantiate(cfg.model, checkpoint_path=init_from or cfg.model.get("checkpoint_path"))
+    init_from = resolve_init(cfg, run_dir)
     if init_from:
         read_checkpoint(init_from)  # a clear error when it is not one of ours
+        with open_dict(cfg):
+            cfg.init_from = init_from
+            if OmegaConf.select(cfg, "finetune.from_recipe"):
+                cfg.trainer.max_epochs = int(cfg.finetune.max_epochs)
+                cfg.optim.lr = float(cfg.finetune.lr)
+    datamodule = hydra.utils.instantiate(cfg.data)
+    model = hydra.utils.instantiate(cfg.model, checkpoint_path=init_from or cfg.model.get("checkpoint_path"))
     augment, val_mask = build_masks(cfg.mask)
     module = MaskTrainModule(
         model=model,

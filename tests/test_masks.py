@@ -78,6 +78,9 @@ def test_blobs_area_matches_parameter():
     keep, _ = _masks("blobs", n=64, area=(0.3, 0.3))
     removed = 1 - keep.mean(dim=(1, 2, 3))
     assert torch.allclose(removed, torch.full_like(removed, 0.3), atol=1e-3)
+    g = step_generator(0, 0, 0)
+    big = make_keep_masks("blobs", 16, (224, 224), g, area=(0.2, 0.2))
+    assert torch.allclose(1 - big.mean(dim=(1, 2, 3)), torch.full((16,), 0.2), atol=0.01)
 
 
 def test_silhouettes_come_from_other_samples():

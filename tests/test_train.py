@@ -100,3 +100,25 @@ def test_ddp_two_cpu_ranks(tmp_path):
     # 64 samples, batch 16, two ranks: each rank runs 2 steps.
     assert metrics["global_step"] == 2
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_augmented_recipe_fine_tunes_from_baseline_of_same_seed(tmp_path):
+    sweep = tmp_path / "sweep"
+    base_cfg = compose("train", ["recipe=baseline", "logger=none", "seed=1", *TINY])
+    train(base_cfg, sweep / "baseline" / "seed1")
+    cfg = compose("train", ["recipe=mask_aug", "logger=none", "seed=1", *TINY, "finetune.max_epochs=2", "finetune.lr=0.0"])
+    run_dir = sweep / "mask_aug" / "seed1"
+    metrics = train(cfg, run_dir)
+    assert metrics["global_step"] == 8  # finetune.max_epochs=2 replaced trainer.max_epochs=1
+    _, saved = load_classifier(run_dir / "checkpoints" / "last.ckpt")
+    assert saved["init_from"].endswith("baseline/seed1/checkpoints/last.ckpt")
+    # lr 0: the fine-tuned weights are exactly the baseline's
+    base, _ = load_classifier(sweep / "baseline" / "seed1" / "checkpoints" / "last.ckpt")
+    tuned, _ = load_classifier(run_dir / "checkpoints" / "last.ckpt")
+    w = "backbone.conv1.weight"
+    assert torch.equal(base.state_dict()[w], tuned.state_dict()[w])
+
+
+def test_augmented_recipe_without_baseline_trains_from_scratch(tmp_path):
+    cfg = compose("train", ["recipe=mask_aug", "logger=none", *TINY])
+    assert train(cfg, tmp_path / "mask_aug" / "seed0")["global_step"] == 4

@@ -6,14 +6,35 @@ where a mask is needed).
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import lightning as L
-from torch.utils.data import DataLoader, Dataset
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from masktrain.errors import check
+from masktrain.rng import derive_seed
 
 SPLIT_NAMES = ("train", "val", "test")
+
+
+class EpochShuffle(Sampler[int]):
+    """A permutation drawn from (seed, epoch) afresh on every ``iter()``.
+
+    A DataLoader ``generator`` is consumed by each iterator it makes, and Lightning
+    makes a different number of them after a resume; this order depends on nothing
+    but (seed, epoch), so a resumed run sees exactly the batches of an uninterrupted one.
+    """
+
+    def __init__(self, length: int, seed: int, epoch: int) -> None:
+        self.length, self.seed, self.epoch = int(length), int(seed), int(epoch)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, 0x5EED))
+        return iter(torch.randperm(self.length, generator=g).tolist())
 
 
 class MaskDataModule(L.LightningDataModule):
@@ -39,6 +60,7 @@ class MaskDataModule(L.LightningDataModule):
         num_workers: int = 1,
         mean: Sequence[float] = (0.485, 0.456, 0.406),
         pin_memory: bool = False,
+        seed: int = 0,
         **_: object,
     ) -> None:
         super().__init__()
@@ -51,6 +73,7 @@ class MaskDataModule(L.LightningDataModule):
         self.eval_batch_size = int(eval_batch_size or 2 * batch_size)
         self.num_workers, self.pin_memory = int(num_workers), bool(pin_memory)
         self.mean = tuple(float(m) for m in mean)
+        self.seed = int(seed)
         self._sets: dict[str, Dataset] = {}
 
     def dataset(self, split: str) -> Dataset:
@@ -60,12 +83,12 @@ class MaskDataModule(L.LightningDataModule):
             self._sets[split] = self.dataset_factory(split=split)
         return self._sets[split]
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+    def _loader(self, split: str, shuffle: bool, epoch: int = 0) -> DataLoader:
         ds = self.dataset(split)
         return DataLoader(
             ds,
             batch_size=self.batch_size if split == "train" else self.eval_batch_size,
-            shuffle=shuffle,
+            sampler=EpochShuffle(len(ds), self.seed, epoch) if shuffle else None,
             drop_last=shuffle and len(ds) > self.batch_size,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
@@ -74,9 +97,10 @@ class MaskDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         ds = self.dataset("train")
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
         if hasattr(ds, "set_epoch"):
-            ds.set_epoch(self.trainer.current_epoch if self.trainer is not None else 0)
-        return self._loader("train", shuffle=True)
+            ds.set_epoch(epoch)
+        return self._loader("train", shuffle=True, epoch=epoch)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val", shuffle=False)

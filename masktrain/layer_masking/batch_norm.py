@@ -1,6 +1,6 @@
 """Batch norm over visible positions only.
 
-Evaluation (running statistics): ``bn(a) * m``, the module's own forward.
+Evaluation (running statistics): ``bn(a) * m`` (``a`` is 0 where removed, so this is ``bn(a·m)·m``).
 
 Training (or a BN without running statistics): per channel, mean and biased variance
 over the visible positions of the batch (``n = sum(m)`` positions, the same for every
@@ -18,6 +18,7 @@ normalisation, forward and backward.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from masktrain.layer_masking.masked import MaskCache, Masked
@@ -37,7 +38,9 @@ def masked_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: Masked, cache: Mas
     """Batch norm ``bn`` applied to ``x`` (``a`` ``(B, C, h, w)``) with statistics over visible positions."""
     use_batch_stats = bn.training or bn.running_mean is None or bn.running_var is None
     if not use_batch_stats:
-        return Masked(bn(x.a) * x.m, x.m)
+        # F.batch_norm, not bn(): subclasses such as timm's BatchNormAct2d append their own act.
+        out = F.batch_norm(x.a, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+        return Masked(out * x.m, x.m)
     a, m = x.a, x.m
     n, p = _visible_fraction(m, cache)
     if n == 0:  # nothing visible anywhere in the batch: no statistics, output all removed

@@ -1,0 +1,141 @@
+"""Run shape-leakage probes on a trained model and write a report.
+
+    python evaluate.py checkpoint=outputs/baseline/<date>/checkpoints/last.ckpt
+    python evaluate.py checkpoint=<ckpt> probes=[shape_only] methods=[black,grey,layer]
+    python evaluate.py model.name=resnet50 model.checkpoint_path=weights.pth data=shapes
+    python evaluate.py checkpoint=<ckpt> logger=wandb          # + W&B tables/images, offline
+
+Writes report.json, report.md and PNG plots into the output directory (hydra.run.dir),
+atomically. What each number means: docs/probes.md.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from masktrain.cli import preflight, remove_run_dir
+from masktrain.errors import UserError, check, exit_on_user_error
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Cheap checks before any output directory exists: names, paths, ranges."""
+    from masktrain.methods import get_method
+    from masktrain.probes import get_probe
+
+    check(len(cfg.probes) > 0, "probes=[] is empty")
+    for name in cfg.probes:
+        get_probe(str(name))
+    for name in cfg.methods:
+        get_method(str(name))
+    if cfg.checkpoint:
+        check(Path(str(cfg.checkpoint)).is_file(),
+              f"checkpoint={str(cfg.checkpoint)!r} does not exist; pass checkpoint=<run dir>/checkpoints/last.ckpt")
+    else:
+        has_weights = bool(cfg.model.get("checkpoint_path")) or bool(cfg.model.get("pretrained"))
+        check(has_weights or cfg.allow_random_weights,
+              "nothing to evaluate: pass checkpoint=<run>/checkpoints/last.ckpt, or model.name=<timm name> "
+              "model.checkpoint_path=<weights file>")
+    check(cfg.n_images is None or int(cfg.n_images) >= 1, f"n_images={cfg.n_images} must be a positive integer or null")
+    check(int(cfg.batch_size) >= 1, f"batch_size={cfg.batch_size} must be a positive integer")
+    check(str(cfg.split) in ("train", "val", "test"), f"split={cfg.split!r} is unknown; choose train, val or test")
+
+
+def _data_overrides() -> tuple[bool, list[str]]:
+    """(``data=<name>`` was chosen on the command line, the ``data.<key>=<value>`` overrides)."""
+    group, dotted = False, []
+    for arg in HydraConfig.get().overrides.task:
+        key = arg.split("=", 1)[0].lstrip("+~")
+        if key == "data":
+            group = True
+        elif key.startswith("data."):
+            dotted.append(arg.lstrip("+~"))
+    return group, dotted
+
+
+def build_model_and_data(cfg: DictConfig) -> tuple[Any, Any, dict]:
+    """(classifier, datamodule, description) from a run checkpoint or a timm model config."""
+    from hydra.utils import instantiate
+
+    from masktrain.checkpoint import load_classifier
+
+    group, dotted = _data_overrides()
+    if cfg.checkpoint:
+        model, run_cfg = load_classifier(str(cfg.checkpoint))
+        source = {"checkpoint": str(cfg.checkpoint), "run_config": run_cfg}
+        if group:
+            data_cfg = cfg.data
+        else:
+            saved = run_cfg.get("data")
+            check(isinstance(saved, dict) and "_target_" in saved,
+                  f"checkpoint {str(cfg.checkpoint)!r} saves no data config; pass data=<dataset>")
+            data_cfg = OmegaConf.merge(OmegaConf.create(saved), OmegaConf.from_dotlist([d[len("data."):] for d in dotted]))
+    else:
+        data_cfg = cfg.data
+        model = instantiate(cfg.model)
+        source = {"timm": OmegaConf.to_container(cfg.model, resolve=True)}
+    try:
+        datamodule = instantiate(data_cfg)
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f"cannot build the dataset from the data config: {str(exc).splitlines()[0][:300]}") from exc
+    source["data"] = OmegaConf.to_container(OmegaConf.create(data_cfg), resolve=True)
+    return model, datamodule, source
+
+
+def _init_distributed() -> None:
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+@hydra.main(config_path="recipes", config_name="evaluate", version_base="1.3")
+@exit_on_user_error
+def main(cfg: DictConfig) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from masktrain.evaluation import evaluate
+    from masktrain.reports import log_wandb, write_report
+
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    if cfg.threads:
+        torch.set_num_threads(int(cfg.threads))
+    try:
+        _init_distributed()
+        model, datamodule, source = build_model_and_data(cfg)
+        options = OmegaConf.to_container(cfg.probe_options, resolve=True)
+        report = evaluate(model, datamodule, list(cfg.probes), list(cfg.methods), split=str(cfg.split),
+                          n_images=cfg.n_images, batch_size=int(cfg.batch_size), seed=int(cfg.seed), device=cfg.device,
+                          options=options, n_boot=int(cfg.n_boot), log=print)
+        report["model"]["source"] = {k: v for k, v in source.items() if k != "run_config"}
+        if "run_config" in source:
+            report["model"]["run"] = {k: source["run_config"].get(k) for k in ("name", "seed", "mask", "model", "study")}
+        report["config"]["command"] = OmegaConf.to_container(cfg, resolve=True)
+        if dist.is_initialized() and dist.get_rank() != 0:
+            return
+        files = write_report(report, out_dir)
+    except (UserError, KeyboardInterrupt):
+        remove_run_dir(out_dir, keep_if=lambda p: (p / "report.json").exists())
+        raise
+    target = str(OmegaConf.select(cfg, "logger._target_", default="") or "")
+    if target.endswith("WandbLogger"):
+        offline = bool(OmegaConf.select(cfg, "logger.offline", default=True))
+        log_wandb(report, files, out_dir, project=str(OmegaConf.select(cfg, "logger.project", default="masktrain")),
+                  mode="offline" if offline else "online")
+    print(f"report: {files['report.md']}")
+    for flag in report["flags"]:
+        print(f"warning: {flag}")
+
+
+if __name__ == "__main__":
+    preflight("evaluate", sys.argv[1:], validate_config)
+    main()

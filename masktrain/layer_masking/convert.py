@@ -1,0 +1,244 @@
+"""Convert any traceable CNN to layer masking from its torch.fx graph, without touching its code.
+
+:func:`layer_mask` traces the model once (modules that have a rule are kept as leaves),
+checks every op that can see a masked activation against the rule registries in
+:mod:`masktrain.layer_masking.ops` (raising one :class:`UserError` naming the op and the
+module path for anything unsupported), and returns a :class:`LayerMasked` that runs
+the graph with ``(activations, mask)`` pairs.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor, fx, nn
+
+from masktrain.errors import UserError
+from masktrain.layer_masking.masked import Masked
+from masktrain.layer_masking.ops import FUNCTION_RULES, METHOD_RULES, MODULE_RULES, Ctx, Rule, describe_missing
+
+
+def _notrace_modules() -> tuple:
+    try:
+        from timm.layers import get_notrace_modules
+
+        return tuple(get_notrace_modules())
+    except ImportError:  # pragma: no cover
+        return ()
+
+
+def _autowrap_functions() -> tuple:
+    try:
+        from timm.layers import get_notrace_functions
+
+        return tuple(f for f in get_notrace_functions() if callable(f))
+    except ImportError:  # pragma: no cover
+        return ()
+
+
+class _Tracer(fx.Tracer):
+    """Keeps modules with a rule (and timm's untraceable ones) as leaves; traces through the rest."""
+
+    def __init__(self) -> None:
+        super().__init__(autowrap_functions=_autowrap_functions())
+        self._notrace = _notrace_modules()
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if type(m) in MODULE_RULES or isinstance(m, self._notrace):
+            return True
+        # Built-in torch modules without a rule (Linear, Flatten, ...) are leaves too; they run
+        # on plain tensors and are refused on masked ones.
+        return type(m).__module__.startswith("torch.nn") and not isinstance(
+            m, (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+        )
+
+
+def _where(node: fx.Node) -> str:
+    if node.op == "call_module":
+        return f"module '{node.target}'"
+    stack = node.meta.get("nn_module_stack") or {}
+    path = next(reversed(stack.values()), None) if stack else None
+    path = path[0] if isinstance(path, tuple) else path
+    return f"'{node.name}' in module '{path}'" if path else f"'{node.name}'"
+
+
+def _op_name(node: fx.Node, target: Any) -> str:
+    if node.op == "call_module":
+        return type(target).__name__
+    if node.op == "call_method":
+        return f"method .{node.target}()"
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def _input_nodes(node: fx.Node) -> List[fx.Node]:
+    found: List[fx.Node] = []
+    fx.node.map_arg((node.args, node.kwargs), lambda n: found.append(n) or n)
+    return found
+
+
+class _Step:
+    """One graph node resolved at conversion: how to call it, and with which rule if masked."""
+
+    __slots__ = ("node", "kind", "target", "rule", "where", "free")
+
+    def __init__(self, node: fx.Node, kind: str, target: Any, rule: Optional[Rule], where: str) -> None:
+        self.node, self.kind, self.target, self.rule, self.where = node, kind, target, rule, where
+        self.free: List[fx.Node] = []  # values no later step reads
+
+
+def _resolve(node: fx.Node, modules: Dict[str, nn.Module]) -> Tuple[Any, Optional[Rule]]:
+    if node.op == "call_module":
+        target = modules[node.target]
+        return target, MODULE_RULES.get(type(target))
+    if node.op == "call_method":
+        return node.target, METHOD_RULES.get(node.target)
+    return node.target, FUNCTION_RULES.get(node.target)
+
+
+class LayerMasked(nn.Module):
+    """``forward(x, keep)``: the wrapped model with the keep mask applied to every activation map.
+
+    ``x`` ``(B, 3, H, W)`` normalised input, ``keep`` ``(B, 1, H, W)`` in {0, 1}. Returns what
+    ``model(x)`` returns. The model is held as the submodule ``model``: parameters and
+    buffers are its own, and ``train()``/``eval()`` on either object act on the same
+    modules (rules read each submodule's ``training`` flag at call time).
+    """
+
+    def __init__(self, model: nn.Module, graph: fx.Graph, steps: List[_Step]) -> None:
+        super().__init__()
+        self.model = model
+        self._graph = graph
+        self._steps = steps
+        self._output = next(n for n in graph.nodes if n.op == "output")
+
+    def _get_attr(self, target: str) -> Any:
+        value: Any = self.model
+        for part in target.split("."):
+            value = getattr(value, part)  # looked up per call: .to() replaces parameter/buffer tensors
+        return value
+
+    def forward(self, x: Tensor, keep: Tensor) -> Any:
+        if keep.dim() != 4 or keep.shape[1] != 1 or keep.shape[0] != x.shape[0] or keep.shape[2:] != x.shape[2:]:
+            raise UserError(f"keep mask must have shape (B, 1, H, W) matching x {tuple(x.shape)}; got {tuple(keep.shape)}")
+        keep = keep.to(dtype=x.dtype, device=x.device)
+        ctx = Ctx()
+        env: Dict[fx.Node, Any] = {}
+        placeholders = iter([Masked(x * keep, keep)])
+        load = lambda n: env[n]  # noqa: E731
+        for step in self._steps:
+            node = step.node
+            if step.kind == "placeholder":
+                env[node] = next(placeholders, node.args[0] if node.args else None)
+            elif step.kind == "get_attr":
+                env[node] = self._get_attr(node.target)
+            else:
+                args = fx.node.map_arg(node.args, load)
+                kwargs = fx.node.map_arg(node.kwargs, load)
+                env[node] = self._call(step, ctx, args, kwargs)
+            for dead in step.free:
+                del env[dead]
+        result = fx.node.map_arg(self._output.args[0], load)
+        return _unmask_output(result)
+
+    @staticmethod
+    def _call(step: _Step, ctx: Ctx, args: tuple, kwargs: dict) -> Any:
+        if step.rule is not None and _any_masked(args, kwargs):
+            ctx.where = step.where
+            return step.rule.run(ctx, step.target, args, kwargs)
+        if _any_masked(args, kwargs):  # only reachable if static analysis was bypassed
+            raise ctx.fail(step.kind, describe_missing(str(step.node.target)))
+        if step.kind == "call_method":
+            return getattr(args[0], step.target)(*args[1:], **kwargs)
+        return step.target(*args, **kwargs)
+
+
+def _any_masked(args: tuple, kwargs: dict) -> bool:
+    for v in list(args) + list(kwargs.values()):
+        if isinstance(v, Masked):
+            return True
+        if isinstance(v, (list, tuple)) and any(isinstance(u, Masked) for u in v):
+            return True
+    return False
+
+
+def _unmask_output(value: Any) -> Any:
+    if isinstance(value, Masked):
+        raise UserError(
+            "layer masking: the model returns a spatial activation map; layer masking needs a model whose "
+            "output is pooled (e.g. logits or pooled features)"
+        )
+    if isinstance(value, (list, tuple)):
+        return type(value)(_unmask_output(v) for v in value)
+    return value
+
+
+def _trace(model: nn.Module) -> fx.Graph:
+    try:
+        return _Tracer().trace(model)
+    except Exception as exc:  # fx raises many types for untraceable control flow
+        first = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+        raise UserError(
+            f"layer masking could not trace {type(model).__name__} with torch.fx ({type(exc).__name__}: {first}); "
+            f"layer masking needs a model without data-dependent Python control flow"
+        ) from exc
+
+
+def _plan(model: nn.Module, graph: fx.Graph) -> List[_Step]:
+    modules = dict(model.named_modules())
+    masked: Dict[fx.Node, bool] = {}
+    steps: List[_Step] = []
+    first_placeholder = True
+    for node in graph.nodes:
+        if node.op == "output":
+            continue
+        if node.op == "placeholder":
+            masked[node] = first_placeholder
+            first_placeholder = False
+            steps.append(_Step(node, "placeholder", None, None, node.name))
+            continue
+        if node.op == "get_attr":
+            masked[node] = False
+            steps.append(_Step(node, "get_attr", node.target, None, node.name))
+            continue
+        target, rule = _resolve(node, modules)
+        where = _where(node)
+        if not any(masked[n] for n in _input_nodes(node)):
+            masked[node] = False
+        elif rule is None:
+            op = _op_name(node, target)
+            raise UserError(f"layer masking does not support {op} at {where}: {describe_missing(str(node.target))}")
+        else:
+            try:
+                masked[node] = True if rule.static is None else bool(rule.static(node, target))
+            except UserError as exc:
+                raise UserError(f"{exc} (at {where})") from None
+        steps.append(_Step(node, node.op, target, rule, where))
+    _mark_last_uses(graph, steps)
+    return steps
+
+
+def _mark_last_uses(graph: fx.Graph, steps: List[_Step]) -> None:
+    # Free each value after its last reader so evaluation keeps no more alive than the model would.
+    index = {s.node: i for i, s in enumerate(steps)}
+    last: Dict[fx.Node, int] = {}
+    for s in steps:
+        for n in _input_nodes(s.node):
+            last[n] = index[s.node]
+    output = next(n for n in graph.nodes if n.op == "output")
+    for n in _input_nodes(output):
+        last.pop(n, None)
+    for n, i in last.items():
+        steps[i].free.append(n)
+
+
+def layer_mask(model: nn.Module) -> LayerMasked:
+    """Convert ``model`` (``model(x)`` with ``x`` ``(B, 3, H, W)``) to layer masking.
+
+    Returns a module called as ``masked(x, keep)`` with ``keep`` ``(B, 1, H, W)`` in {0, 1}
+    (1 = visible), returning what ``model(x)`` returns. Parameters and buffers are shared.
+    Raises :class:`UserError` naming the op and module path if any op reached by a masked
+    activation has no layer-masking rule (e.g. attention, flattening a spatial map) or if
+    torch.fx cannot trace the model.
+    """
+    graph = _trace(model)
+    return LayerMasked(model, graph, _plan(model, graph))

@@ -1,0 +1,281 @@
+"""Layer masking: paper fixture, model zoo properties, unsupported models, masked batch-norm training."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import torchvision
+from torch import nn
+
+from masktrain.errors import UserError
+from masktrain.layer_masking import LayerMasked, layer_mask
+from masktrain.layer_masking import ops as ops_module
+
+REFERENCE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+FIXTURE = REFERENCE_DIR / "layer_mask_resnet50.pt"
+
+TIMM_MODELS = [
+    "resnet18", "resnet34", "resnet50", "resnext50_32x4d", "wide_resnet50_2", "densenet121",
+    "efficientnet_b0", "mobilenetv3_large_100", "convnext_nano", "regnety_002",
+]
+TORCHVISION_MODELS = ["resnet50", "efficientnet_b0", "mobilenet_v3_large"]
+HEAVY = {"wide_resnet50_2", "densenet121", "resnext50_32x4d"}
+
+
+def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def _patch_keep(batch: int, size: int, patch: int, seed: int, dtype=torch.float64) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    cells = (torch.rand(batch, 1, size // patch, size // patch, generator=g) > 0.5).to(dtype)
+    return cells.repeat_interleave(patch, 2).repeat_interleave(patch, 3)
+
+
+def _pixel_keep(batch: int, size: int, seed: int, dtype=torch.float64) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(batch, 1, size, size, generator=g) > 0.4).to(dtype)
+
+
+def _build(source: str, name: str) -> nn.Module:
+    torch.manual_seed(0)
+    if source == "timm":
+        return timm.create_model(name, pretrained=False, num_classes=10)
+    return getattr(torchvision.models, name)(weights=None, num_classes=10)
+
+
+def _params(models, heavy=HEAVY):
+    out = []
+    for source, names in models:
+        for name in names:
+            marks = [pytest.mark.slow] if name in heavy else []
+            out.append(pytest.param(source, name, marks=marks, id=f"{source}-{name}"))
+    return out
+
+
+ZOO = _params([("timm", TIMM_MODELS), ("torchvision", TORCHVISION_MODELS)])
+
+
+# --------------------------------------------------------------------------- reference fixture
+
+
+def _reference_model(case):
+    if not FIXTURE.exists():
+        pytest.skip(f"layer-masking reference fixture not found at {FIXTURE}")
+    spec = importlib.util.spec_from_file_location("reference_weights", REFERENCE_DIR / "reference_weights.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.reference_weights(timm.create_model(case["arch"], num_classes=1000), case["weight_seed"]).eval()
+
+
+@pytest.fixture(scope="module")
+def reference_case():
+    if not FIXTURE.exists():
+        pytest.skip(f"layer-masking reference fixture not found at {FIXTURE}")
+    return torch.load(FIXTURE)["resnet50_patches"]
+
+
+def test_matches_paper_reference_fixture(reference_case):
+    case = reference_case
+    model = _reference_model(case)
+    with torch.no_grad():
+        assert _rel(model(case["x"]), case["plain_logits"]) < 1e-4, "reference weights not rebuilt correctly"
+        out = layer_mask(model)(case["x"], case["keep"])
+    assert _rel(out, case["logits"]) <= 1e-4
+
+
+def test_fewer_padding_rounds_equal_paper_rounds(monkeypatch):
+    """k−1 rounds (none for 1×1) give exactly the paper's k rounds, also for dilated convs and pixel masks."""
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=10, output_stride=8).double().eval()
+    x = torch.randn(2, 3, 48, 48, dtype=torch.float64)
+    keep = _pixel_keep(2, 48, seed=3)
+    masked = layer_mask(model)
+    with torch.no_grad():
+        fast = masked(x, keep)
+        monkeypatch.setattr(ops_module, "rounds_for_kernel", lambda kernel, dilation: kernel[1])
+        paper = masked(x, keep)
+    assert _rel(fast, paper) < 1e-12
+
+
+# --------------------------------------------------------------------------- model zoo properties
+
+
+@pytest.mark.parametrize("source,name", ZOO)
+def test_zoo_properties(source, name):
+    model = _build(source, name).double().eval()
+    masked = layer_mask(model)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    keep = _patch_keep(2, 64, 8, seed=2)
+    keep[1, :, :32] = 0  # one image with a large removed region
+    with torch.no_grad():
+        # (a) all-ones keep mask: the unconverted model's output
+        assert _rel(masked(x, torch.ones_like(keep)), model(x)) <= 1e-6
+        # (b) removed pixels are never read
+        out = masked(x, keep)
+        noisy = x + 10 * torch.randn_like(x) * (1 - keep)
+        assert torch.equal(masked(noisy, keep), out)
+        assert _rel(out, model(x)) > 1e-3  # the mask does change the output
+    # (c) train-mode forward and backward: finite gradients
+    masked.train()
+    assert model.training
+    loss = masked(x, keep).square().mean()
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_pooled_features_wrapper_and_classifier_hook():
+    from masktrain.models import create_model
+
+    classifier = create_model("resnet18", num_classes=5)
+    classifier.eval()
+    x = torch.rand(2, 3, 64, 64)
+    ones = torch.ones(2, 1, 64, 64)
+    with torch.no_grad():
+        feats = classifier.layer_masked("features")(classifier.normalize(x), ones)
+        logits = classifier.layer_masked("logits")(classifier.normalize(x), ones)
+        assert torch.allclose(feats, classifier.features(x), atol=1e-6)
+        assert torch.allclose(logits, classifier(x), atol=1e-6)
+
+
+def test_parameters_buffers_and_mode_are_shared():
+    model = timm.create_model("resnet18", num_classes=10)
+    masked = layer_mask(model)
+    assert isinstance(masked, LayerMasked)
+    assert {id(p) for p in masked.parameters()} == {id(p) for p in model.parameters()}
+    masked.eval()
+    assert not model.training
+    model.train()
+    assert masked.training and model.bn1.training
+    # .to() replaces buffer tensors; the converted module must see the new ones
+    model.double().eval()
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        assert _rel(masked(x, torch.ones(1, 1, 32, 32)), model(x)) <= 1e-12
+
+
+def test_empty_mask_is_finite_in_train_and_eval():
+    model = timm.create_model("resnet18", num_classes=10)
+    masked = layer_mask(model)
+    x = torch.randn(2, 3, 32, 32)
+    keep = torch.ones(2, 1, 32, 32)
+    keep[0] = 0  # one image fully removed
+    masked.train()
+    masked(x, keep).sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    masked(x, torch.zeros_like(keep)).sum().backward()  # nothing visible in the whole batch
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    masked.eval()
+    with torch.no_grad():
+        assert torch.isfinite(masked(x, torch.zeros_like(keep))).all()
+
+
+# --------------------------------------------------------------------------- unsupported models
+
+
+def test_vit_raises_clear_error():
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=10)
+    with pytest.raises(UserError, match=r"layer masking does not support .*patch_embed"):
+        layer_mask(vit)
+
+
+class _SpatialLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 8 * 8, 2)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.conv(x), 1))
+
+
+class _Untraceable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow
+            return self.conv(x).mean((2, 3))
+        return x.mean((2, 3))
+
+
+def test_unsupported_ops_raise_user_error():
+    with pytest.raises(UserError, match=r"does not support flatten at .*spatial|does not support flatten"):
+        layer_mask(_SpatialLinear())
+    with pytest.raises(UserError, match="could not trace"):
+        layer_mask(_Untraceable())
+    attn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Upsample(scale_factor=2))
+    with pytest.raises(UserError, match=r"Upsample at module '1'"):
+        layer_mask(attn)
+
+
+# --------------------------------------------------------------------------- batch norm in training mode
+
+
+class _BNProbe(nn.Module):
+    def __init__(self, momentum) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3, momentum=momentum)
+        with torch.no_grad():
+            self.bn.weight.copy_(torch.tensor([1.0, 2.0, 0.5]))
+            self.bn.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+            self.bn.running_mean.copy_(torch.tensor([0.5, -1.0, 2.0]))
+            self.bn.running_var.copy_(torch.tensor([1.5, 0.5, 2.0]))
+
+    def forward(self, x):
+        return self.bn(x).mean((2, 3))
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_batch_norm_training_statistics_by_hand(momentum):
+    torch.manual_seed(0)
+    probe = _BNProbe(momentum).double().train()
+    x = (torch.randn(4, 3, 10, 10, dtype=torch.float64) * 2 + 1).requires_grad_(True)
+    keep = _pixel_keep(4, 10, seed=5)
+    old_mean, old_var = probe.bn.running_mean.clone(), probe.bn.running_var.clone()
+
+    out = layer_mask(probe)(x, keep)
+
+    visible = keep.expand_as(x).bool()
+    values = x.detach().transpose(0, 1)[visible.transpose(0, 1)].view(3, -1)  # (C, n)
+    n = values.shape[1]
+    mean, var = values.mean(1), values.var(1, unbiased=False)
+    factor = momentum if momentum is not None else 1.0
+    assert probe.bn.num_batches_tracked.item() == 1
+    torch.testing.assert_close(probe.bn.running_mean, (1 - factor) * old_mean + factor * mean)
+    torch.testing.assert_close(probe.bn.running_var, (1 - factor) * old_var + factor * var * n / (n - 1))
+
+    # output: normalised with visible statistics, averaged over visible positions only
+    w, b, eps = probe.bn.weight, probe.bn.bias, probe.bn.eps
+    normed = (x - mean.view(1, 3, 1, 1)) / torch.sqrt(var.view(1, 3, 1, 1) + eps) * w.view(1, 3, 1, 1) + b.view(1, 3, 1, 1)
+    expected = (normed * keep).sum((2, 3)) / keep.sum((2, 3))
+    torch.testing.assert_close(out, expected)
+
+    # gradients equal those of the hand-written (autograd) visible-only batch norm
+    grad_out = torch.randn_like(out)
+    (g_fast,) = torch.autograd.grad(out, x, grad_out)
+    x2 = x.detach().clone().requires_grad_(True)
+    xm = x2 * keep
+    mean2 = xm.sum((0, 2, 3)) / keep.sum()
+    var2 = ((xm - mean2.view(1, 3, 1, 1)) ** 2 * keep).sum((0, 2, 3)) / keep.sum()
+    normed2 = (xm - mean2.view(1, 3, 1, 1)) / torch.sqrt(var2.view(1, 3, 1, 1) + eps) * w.view(1, 3, 1, 1) + b.view(1, 3, 1, 1)
+    (g_hand,) = torch.autograd.grad(((normed2 * keep).sum((2, 3)) / keep.sum((2, 3)) * grad_out).sum(), x2)
+    torch.testing.assert_close(g_fast, g_hand)
+
+
+def test_batch_norm_eval_uses_running_statistics():
+    probe = _BNProbe(0.1).double().eval()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    keep = _pixel_keep(2, 6, seed=1)
+    before = {k: v.clone() for k, v in probe.state_dict().items()}
+    with torch.no_grad():
+        out = layer_mask(probe)(x, keep)
+    for k, v in probe.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    normed = probe.bn(x)
+    torch.testing.assert_close(out, (normed * keep).sum((2, 3)) / keep.sum((2, 3)))
