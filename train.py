@@ -43,12 +43,14 @@ def main(cfg: DictConfig) -> None:
     except (UserError, KeyboardInterrupt):
         remove_run_dir(run_dir, keep_if=_has_checkpoints)
         raise
-    table = Table(title=f"{cfg.name} (seed {cfg.seed}) — {run_dir}")
+    table = Table(title=f"{cfg.name}, seed {cfg.seed}")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in metrics.items():
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    console.print(f"run directory: {run_dir}")
 
 
 if __name__ == "__main__":

@@ -58,6 +58,11 @@ def validate_config(cfg: DictConfig) -> None:
         value = OmegaConf.select(cfg, key)
         check(isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0,
               f"{key}={value!r} must be a non-negative number")
+    if str(cfg.mask.method) == "layer":
+        # Converting is cheap next to training and finds unsupported layers before any output exists.
+        from masktrain.layer_masking import layer_mask
+
+        layer_mask(timm.create_model(name, num_classes=int(cfg.data.num_classes)))
     for key in ("init_from", "ckpt_path"):
         if cfg.get(key):
             check(Path(cfg[key]).is_file(), f"{key}={cfg[key]!r} does not exist; give a checkpoint file")
