@@ -88,17 +88,21 @@ class MaskTrainModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, batch_idx, "val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, batch_idx, "test")
+
+    def _evaluate(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int, stage: str) -> None:
+        """``<stage>/acc_clean`` and ``<stage>/acc_masked`` (every image masked with ``val_mask``)."""
         images, labels, objects = batch
         self.val_acc_clean(self.model(images), labels)
         # Fixed per-batch masks (not per step): every validation sees the same masked set.
         g = step_generator(self.seed, 0, batch_idx * 9973 + self.global_rank, self.device, VAL_STREAM)
         keep = self.val_mask(images.shape[0], images.shape[-2:], g, self.device, object_masks=objects)
         self.val_acc_masked(self.method.logits(self.model, images, keep, g), labels)
-        self.log("val/acc_clean", self.val_acc_clean, prog_bar=True, on_epoch=True, sync_dist=True)
-        self.log("val/acc_masked", self.val_acc_masked, prog_bar=True, on_epoch=True, sync_dist=True)
-
-    def test_step(self, batch: tuple[Tensor, Tensor, Tensor], batch_idx: int) -> None:
-        self.validation_step(batch, batch_idx)
+        self.log(f"{stage}/acc_clean", self.val_acc_clean, prog_bar=True, on_epoch=True, sync_dist=True)
+        self.log(f"{stage}/acc_masked", self.val_acc_masked, prog_bar=True, on_epoch=True, sync_dist=True)
 
     def configure_optimizers(self) -> dict[str, Any]:
         decay, no_decay = [], []

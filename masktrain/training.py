@@ -159,6 +159,9 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
     trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_checkpoint(cfg, run_dir))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
     metrics["global_step"] = int(trainer.global_step)
+    # The final model on the test split: the number the README and studies quote.
+    for results in trainer.test(module, datamodule=datamodule, verbose=False):
+        metrics.update({k: float(v) for k, v in results.items() if k.startswith("test/")})
     if trainer.is_global_zero:
         tmp = run_dir / ".metrics.json.tmp"
         tmp.write_text(json.dumps(metrics, indent=2))
