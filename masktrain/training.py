@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from masktrain.methods import get_method
 
 log = logging.getLogger(__name__)
 _MASK_KEYS = ("method", "kind", "p")
+_TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}_\d{2}-\d{2}-\d{2}")  # hydra.run.dir's default leaf
 
 
 def build_masks(mask_cfg: DictConfig) -> tuple[RandomKeepMask | None, RandomKeepMask]:
@@ -76,9 +78,13 @@ def _resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
     own = run_dir / "checkpoints" / "last.ckpt"
     if own.is_file():
         return str(own)
-    # A fresh timestamped directory: continue the newest earlier run of this recipe.
+    if not _TIMESTAMP.fullmatch(run_dir.name):
+        # A sweep job or an explicit run dir without a checkpoint yet: nothing to continue.
+        log.warning("resume=true: no checkpoint in %s yet, starting this run fresh", run_dir)
+        return None
+    # A fresh timestamped single-run directory: continue the newest earlier run of this recipe.
     earlier = sorted(run_dir.parent.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-    earlier = [p for p in earlier if run_dir not in p.parents]
+    earlier = [p for p in earlier if run_dir not in p.parents and _TIMESTAMP.fullmatch(p.parents[1].name)]
     if not earlier:
         raise UserError(f"resume=true found no checkpoints/last.ckpt in {str(run_dir)!r} or beside it; start without resume")
     log.info("resuming from %s", earlier[-1])

@@ -122,3 +122,12 @@ def test_augmented_recipe_fine_tunes_from_baseline_of_same_seed(tmp_path):
 def test_augmented_recipe_without_baseline_trains_from_scratch(tmp_path):
     cfg = compose("train", ["recipe=mask_aug", "logger=none", *TINY])
     assert train(cfg, tmp_path / "mask_aug" / "seed0")["global_step"] == 4
+
+
+def test_resume_in_a_sweep_never_takes_another_seeds_checkpoint(tmp_path):
+    sweep = tmp_path / "sweep"
+    train(compose("train", ["recipe=baseline", "logger=none", "seed=0", *TINY]), sweep / "baseline" / "seed0")
+    cfg = compose("train", ["recipe=baseline", "logger=none", "seed=1", "resume=true", *TINY])
+    metrics = train(cfg, sweep / "baseline" / "seed1")
+    fresh = train(compose("train", ["recipe=baseline", "logger=none", "seed=1", *TINY]), tmp_path / "fresh")
+    assert metrics == fresh  # started fresh, not from seed 0's checkpoint
