@@ -17,8 +17,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
-from masktrain.cli import preflight, remove_run_dir
-from masktrain.errors import UserError, exit_on_user_error
+from masktrain.cli import preflight, removed_on_user_error
+from masktrain.errors import exit_on_user_error
 
 
 def _has_checkpoints(run_dir: Path) -> bool:
@@ -38,11 +38,8 @@ def main(cfg: DictConfig) -> None:
     if cfg.get("study") is None and hydra_cfg.mode == RunMode.MULTIRUN:
         with open_dict(cfg):  # runs of one sweep share a W&B group
             cfg.study = Path(hydra_cfg.sweep.dir).name
-    try:
+    with removed_on_user_error(run_dir, keep_if=_has_checkpoints):
         metrics = train(cfg, run_dir)
-    except (UserError, KeyboardInterrupt):
-        remove_run_dir(run_dir, keep_if=_has_checkpoints)
-        raise
     table = Table(title=f"{cfg.name}, seed {cfg.seed}")
     table.add_column("metric")
     table.add_column("value", justify="right")

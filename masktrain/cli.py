@@ -10,11 +10,12 @@ import itertools
 import shutil
 import sys
 from pathlib import Path
-from typing import Callable, Iterable
+from contextlib import contextmanager
+from typing import Callable, Iterable, Iterator
 
 from omegaconf import DictConfig
 
-from masktrain.errors import UserError
+from masktrain.errors import UserError, find_user_error
 
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -83,6 +84,18 @@ def preflight(config_name: str, argv: list[str], validate: Callable[[DictConfig]
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+
+
+@contextmanager
+def removed_on_user_error(output_dir: str | Path, keep_if: Callable[[Path], bool] = lambda p: False) -> Iterator[None]:
+    """Remove the run's output directory when the block fails on bad input (a UserError
+    anywhere in the chain: Hydra's instantiate wraps them) or is interrupted."""
+    try:
+        yield
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt) or find_user_error(exc) is not None:
+            remove_run_dir(output_dir, keep_if)
+        raise
 
 
 def remove_run_dir(output_dir: str | Path, keep_if: Callable[[Path], bool] = lambda p: False) -> None:

@@ -16,7 +16,8 @@ class UserError(ValueError):
     """Bad input that the user can fix: printed as one line, never as a traceback."""
 
 
-def _root_user_error(exc: BaseException) -> UserError | None:
+def find_user_error(exc: BaseException) -> UserError | None:
+    """The UserError in ``exc``'s cause/context chain, if any."""
     # Hydra and Lightning wrap exceptions raised inside instantiate/fit; walk the chain.
     seen = set()
     while exc is not None and id(exc) not in seen:
@@ -35,7 +36,7 @@ def exit_on_user_error(fn: Callable[..., T]) -> Callable[..., T]:
         try:
             return fn(*args, **kwargs)
         except Exception as exc:  # noqa: BLE001 - we re-raise anything that is not user error
-            user = _root_user_error(exc)
+            user = find_user_error(exc)
             if user is None:
                 raise
             print(f"error: {user}", file=sys.stderr)

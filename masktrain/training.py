@@ -136,6 +136,8 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
                 cfg.trainer.max_epochs = int(cfg.finetune.max_epochs)
                 cfg.optim.lr = float(cfg.finetune.lr)
     datamodule = hydra.utils.instantiate(cfg.data)
+    for split in ("train", "val"):  # bad data fails here, in one line, before the trainer starts
+        datamodule.dataset(split)
     model = hydra.utils.instantiate(cfg.model, checkpoint_path=init_from or cfg.model.get("checkpoint_path"))
     augment, val_mask = build_masks(cfg.mask)
     module = MaskTrainModule(
