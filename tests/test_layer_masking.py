@@ -106,19 +106,21 @@ def test_fewer_padding_rounds_equal_paper_rounds(monkeypatch):
 
 @pytest.mark.parametrize("source,name", ZOO)
 def test_zoo_properties(source, name):
-    model = _build(source, name).double().eval()
+    # float32: float64 depthwise convs are several times slower on CPU, and (a) is exact anyway
+    model = _build(source, name).eval()
     masked = layer_mask(model)
-    x = torch.randn(2, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
-    keep = _patch_keep(2, 64, 8, seed=2)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    keep = _patch_keep(2, 64, 8, seed=2, dtype=torch.float32)
     keep[1, :, :32] = 0  # one image with a large removed region
     with torch.no_grad():
+        plain = model(x)
         # (a) all-ones keep mask: the unconverted model's output
-        assert _rel(masked(x, torch.ones_like(keep)), model(x)) <= 1e-6
+        assert _rel(masked(x, torch.ones_like(keep)), plain) <= 1e-6
         # (b) removed pixels are never read
         out = masked(x, keep)
         noisy = x + 10 * torch.randn_like(x) * (1 - keep)
         assert torch.equal(masked(noisy, keep), out)
-        assert _rel(out, model(x)) > 1e-3  # the mask does change the output
+        assert _rel(out, plain) > 1e-3  # the mask does change the output
     # (c) train-mode forward and backward: finite gradients
     masked.train()
     assert model.training

@@ -40,7 +40,7 @@ def masked_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: Masked, cache: Mas
     if not use_batch_stats:
         # F.batch_norm, not bn(): subclasses such as timm's BatchNormAct2d append their own act.
         out = F.batch_norm(x.a, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
-        return Masked(out * x.m, x.m)
+        return Masked(out.mul_(x.m), x.m)  # in place: BN's backward saves its input, not its output
     a, m = x.a, x.m
     n, p = _visible_fraction(m, cache)
     if n == 0:  # nothing visible anywhere in the batch: no statistics, output all removed
@@ -53,7 +53,7 @@ def masked_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: Masked, cache: Mas
     )
     if bn.training and bn.track_running_stats:
         _update_running_stats(bn, mean.detach(), invstd.detach(), n, p)
-    return Masked(out * m, m)
+    return Masked(out.mul_(m), m)
 
 
 @torch.no_grad()

@@ -111,6 +111,16 @@ class LayerMasked(nn.Module):
         self._steps = steps
         self._output = next(n for n in graph.nodes if n.op == "output")
 
+    @property
+    def training(self) -> bool:  # type: ignore[override]
+        # Mirrors the wrapped model, so model.train()/eval() is seen here as well as the reverse.
+        model = self.__dict__.get("_modules", {}).get("model")
+        return model.training if model is not None else self.__dict__.get("_training", True)
+
+    @training.setter
+    def training(self, mode: bool) -> None:
+        self.__dict__["_training"] = mode  # train()/eval() then recurse into the model itself
+
     def _get_attr(self, target: str) -> Any:
         value: Any = self.model
         for part in target.split("."):

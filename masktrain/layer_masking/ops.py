@@ -242,7 +242,9 @@ def _conv(ctx: Ctx, conv: nn.Conv2d, args: tuple, kwargs: dict) -> Masked:
     mask = ctx.cache.get(x.m, ("maxpool",) + geometry, lambda: pool_mask(x.m, *geometry))
     if geometry[0] == (1, 1) and geometry[2] == (0, 0) and conv.bias is None:
         return Masked(out, mask)  # each output reads one input position: already 0 where removed
-    return Masked(out * mask, mask)
+    # In place: conv's backward needs its input and weight, not its output, so this is autograd-safe
+    # and saves one allocation per conv.
+    return Masked(out.mul_(mask), mask)
 
 
 _register(MODULE_RULES, (nn.Conv2d,), _conv, _conv_static)

@@ -1,0 +1,108 @@
+"""Layer-masked vs plain ResNet-50, measured side by side in one run (a benchmark, not a test).
+
+    python benchmarks/layer_masking.py                      # CUDA if present, else CPU, 2 threads
+    python benchmarks/layer_masking.py --threads 2 --repeats 5 --batch 8 --size 224
+
+Times the forward pass (eval, no_grad) and forward+backward (train mode, masked BN
+statistics) of ``layer_mask(resnet50)`` and of the plain model on the same batch. Each
+repeat runs one plain and one masked call back to back (order alternating), and the
+reported ratio is the median of the per-pair ratios, so machine noise hits both alike.
+Also checks that the masked logits with an all-ones mask equal the plain logits.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Callable, List, Tuple
+
+import timm
+import torch
+
+from masktrain.layer_masking import layer_mask
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn: Callable[[], None], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _pairs(plain: Callable[[], None], masked: Callable[[], None], repeats: int, device: torch.device) -> Tuple[List[float], List[float]]:
+    """Interleaved timings ``(plain_s, masked_s)``, one warm-up pair first; order alternates per repeat."""
+    plain(), masked()
+    p_times, m_times = [], []
+    for i in range(repeats):
+        if i % 2 == 0:
+            p_times.append(_timed(plain, device))
+            m_times.append(_timed(masked, device))
+        else:
+            m_times.append(_timed(masked, device))
+            p_times.append(_timed(plain, device))
+    return p_times, m_times
+
+
+def _patch_keep(batch: int, size: int, patch: int, generator: torch.Generator) -> torch.Tensor:
+    """Random patch mask ``(B, 1, size, size)``: about half of the ``patch``² cells removed."""
+    cells = (torch.rand(batch, 1, size // patch, size // patch, generator=generator) > 0.5).float()
+    return cells.repeat_interleave(patch, 2).repeat_interleave(patch, 3)
+
+
+def _report(label: str, p_times: List[float], m_times: List[float]) -> float:
+    ratios = [m / p for p, m in zip(p_times, m_times)]
+    ratio = statistics.median(ratios)
+    print(f"{label:<22} plain {statistics.median(p_times) * 1e3:8.1f} ms   masked {statistics.median(m_times) * 1e3:8.1f} ms"
+          f"   ratio (median of pairs) {ratio:.3f}x")
+    return ratio
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--repeats", type=int, default=10, help="interleaved pairs per measurement")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--arch", default="resnet50")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    model = timm.create_model(args.arch, pretrained=False, num_classes=1000).to(device)
+    masked = layer_mask(model)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, 3, args.size, args.size, generator=g).to(device)
+    keep = _patch_keep(args.batch, args.size, 16, g).to(device)
+    print(f"{args.arch}, batch {args.batch}, {args.size}², device {device}"
+          f"{'' if device.type == 'cuda' else f', {args.threads} threads'}, {args.repeats} pairs")
+
+    model.eval()
+    with torch.no_grad():
+        plain_logits = model(x)
+        same = torch.equal(masked(x, torch.ones_like(keep)), plain_logits)
+        rel = ((masked(x, torch.ones_like(keep)) - plain_logits).norm() / plain_logits.norm()).item()
+        print(f"all-ones mask: logits identical: {same} (rel err {rel:.2e})")
+        fwd = _report("forward (eval)", *_pairs(lambda: model(x), lambda: masked(x, keep), args.repeats, device))
+
+    model.train()
+
+    def plain_step() -> None:
+        model(x).square().mean().backward()
+
+    def masked_step() -> None:
+        masked(x, keep).square().mean().backward()
+
+    both = _report("forward+backward", *_pairs(plain_step, masked_step, args.repeats, device))
+    print(f"goal: forward <= 1.25x ({'met' if fwd <= 1.25 else 'not met'}), "
+          f"forward+backward <= 1.15x ({'met' if both <= 1.15 else 'not met'})")
+
+
+if __name__ == "__main__":
+    main()
