@@ -4,6 +4,7 @@
     python evaluate.py checkpoint=<ckpt> probes=[shape_only] methods=[black,grey,layer]
     python evaluate.py model.name=resnet50 model.checkpoint_path=weights.pth data=shapes
     python evaluate.py checkpoint=<ckpt> logger=wandb          # + W&B tables/images, offline
+    python evaluate.py study=<sweep root> probes=[shape_only]  # every <recipe>/seed<N>/ run -> study.json/md/png
 
 Writes report.json, report.md and PNG plots into the output directory (hydra.run.dir),
 atomically. What each number means: docs/probes.md.
@@ -33,7 +34,13 @@ def validate_config(cfg: DictConfig) -> None:
         get_probe(str(name))
     for name in cfg.methods:
         get_method(str(name))
-    if cfg.checkpoint:
+    if cfg.study:
+        check(not cfg.checkpoint, "checkpoint=... and study=... are exclusive; pass one of them")
+        check(Path(str(cfg.study)).is_dir(),
+              f"study={str(cfg.study)!r} is not a directory; pass study=<sweep root holding <recipe>/seed<N>/ runs>")
+        for name in cfg.study_methods:
+            get_method(str(name))
+    elif cfg.checkpoint:
         check(Path(str(cfg.checkpoint)).is_file(),
               f"checkpoint={str(cfg.checkpoint)!r} does not exist; pass checkpoint=<run dir>/checkpoints/last.ckpt")
     else:
@@ -44,6 +51,11 @@ def validate_config(cfg: DictConfig) -> None:
     check(cfg.n_images is None or int(cfg.n_images) >= 1, f"n_images={cfg.n_images} must be a positive integer or null")
     check(int(cfg.batch_size) >= 1, f"batch_size={cfg.batch_size} must be a positive integer")
     check(str(cfg.split) in ("train", "val", "test"), f"split={cfg.split!r} is unknown; choose train, val or test")
+
+
+def _methods_given() -> bool:
+    """Whether ``methods=...`` was passed on the command line (study mode then uses it over ``study_methods``)."""
+    return any(arg.split("=", 1)[0].lstrip("+~") == "methods" for arg in HydraConfig.get().overrides.task)
 
 
 def _data_overrides() -> tuple[bool, list[str]]:
@@ -66,7 +78,11 @@ def build_model_and_data(cfg: DictConfig) -> tuple[Any, Any, dict]:
 
     group, dotted = _data_overrides()
     if cfg.checkpoint:
-        model, run_cfg = load_classifier(str(cfg.checkpoint))
+        try:
+            model, run_cfg = load_classifier(str(cfg.checkpoint))
+        except RuntimeError as exc:  # load_state_dict raises on shape mismatches even with strict=False
+            raise UserError(f"checkpoint {str(cfg.checkpoint)!r} does not fit its model config: "
+                            f"{str(exc).splitlines()[-1].strip()[:200]}") from exc
         source = {"checkpoint": str(cfg.checkpoint), "run_config": run_cfg}
         if group:
             data_cfg = cfg.data
@@ -85,7 +101,8 @@ def build_model_and_data(cfg: DictConfig) -> tuple[Any, Any, dict]:
         raise
     except Exception as exc:
         raise UserError(f"cannot build the dataset from the data config: {str(exc).splitlines()[0][:300]}") from exc
-    source["data"] = OmegaConf.to_container(OmegaConf.create(data_cfg), resolve=True)
+    # Resolve in place: cfg.data may interpolate root keys (${seed}) that a detached copy cannot see.
+    source["data"] = OmegaConf.to_container(data_cfg, resolve=True) if OmegaConf.is_config(data_cfg) else data_cfg
     return model, datamodule, source
 
 
@@ -95,6 +112,33 @@ def _init_distributed() -> None:
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def _only_hydra_files(path: Path) -> bool:
+    """True when a run directory holds nothing but Hydra's own bookkeeping (.hydra/, *.log)."""
+    return all(p.name == ".hydra" or p.suffix == ".log" for p in path.iterdir())
+
+
+def run_study_mode(cfg: DictConfig, out_dir: Path) -> None:
+    """``study=<dir>``: evaluate every run of a sweep; the outputs go into the study directory itself,
+    so Hydra's (empty) run directory is removed afterwards, on success and on failure alike."""
+    from masktrain.study import run_study
+
+    methods = list(cfg.methods) if _methods_given() else list(cfg.study_methods)
+    _, dotted = _data_overrides()
+    data_dotlist = [d[len("data."):] for d in dotted]
+
+    def data_overrides(saved: dict) -> dict:
+        # data.* overrides apply to each run's saved data config, as in checkpoint mode.
+        return OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(saved), OmegaConf.from_dotlist(data_dotlist)))
+
+    try:
+        run_study(str(cfg.study), probes=list(cfg.probes), methods=methods, n_images=cfg.n_images, device=cfg.device,
+                  options=OmegaConf.to_container(cfg.probe_options, resolve=True),
+                  data_overrides=data_overrides if data_dotlist else None, log=print)
+    finally:
+        remove_run_dir(out_dir, keep_if=lambda p: not _only_hydra_files(p))
+    print(f"study: {Path(str(cfg.study)) / 'study.md'}")
 
 
 @hydra.main(config_path="recipes", config_name="evaluate", version_base="1.3")
@@ -109,6 +153,9 @@ def main(cfg: DictConfig) -> None:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))
+    if cfg.study:
+        run_study_mode(cfg, out_dir)
+        return
     try:
         _init_distributed()
         model, datamodule, source = build_model_and_data(cfg)

@@ -26,6 +26,12 @@ HEADLINE = {
 }
 
 
+def _yerr(vals: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> list[np.ndarray]:
+    """Error-bar lengths (2, n), clipped at 0: a percentile-bootstrap interval need not contain
+    the point estimate (e.g. a small-n difference), and matplotlib rejects negative lengths."""
+    return [np.clip(np.nan_to_num(vals - lo), 0, None), np.clip(np.nan_to_num(hi - vals), 0, None)]
+
+
 def _num(v: Any, digits: int = 3) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "–"
@@ -190,7 +196,7 @@ def plot_leakage(report: dict, path: Path) -> bool:
             vals = np.array([e["value"] if e["value"] is not None else np.nan for e in es], dtype=float)
             lo = np.array([e["ci95"][0] if e["ci95"][0] is not None else np.nan for e in es], dtype=float)
             hi = np.array([e["ci95"][1] if e["ci95"][1] is not None else np.nan for e in es], dtype=float)
-            ax.errorbar(x + (j - 0.5) * 0.25, vals, yerr=[np.nan_to_num(vals - lo), np.nan_to_num(hi - vals)], fmt="o",
+            ax.errorbar(x + (j - 0.5) * 0.25, vals, yerr=_yerr(vals, lo, hi), fmt="o",
                         capsize=3, label=subset)
         chance = next(iter(entries.values())).get("chance")
         if chance is not None:

@@ -204,3 +204,45 @@ def test_ddp_counts_are_exact_and_match_one_process(tmp_path):
     assert ddp["config"]["world_size"] == 2
     assert all(n == 37 for n, _, _ in _summary(ddp).values())
     assert _summary(ddp) == pytest.approx(_summary(single))
+
+
+# --- study mode: python evaluate.py study=<sweep root> --------------------------------
+
+
+@pytest.mark.slow
+def test_study_mode_writes_into_the_study_dir_and_leaves_no_outputs(tmp_path):
+    from conftest import TINY
+    from masktrain.cli import compose
+    from masktrain.training import train
+
+    root = tmp_path / "sweep"
+    for recipe in ("baseline", "mask_aug"):
+        cfg = compose("train", [f"recipe={recipe}", "logger=none", "seed=0", *TINY, "finetune.max_epochs=1"])
+        train(cfg, root / recipe / "seed0")
+    work = tmp_path / "cwd"
+    work.mkdir()
+    proc = evaluate_cli(f"study={root}", "n_images=16", "probes=[shape_only]", "n_boot=50", "threads=1",
+                        "probe_options.shape_only.n_permutations=50", "probe_options.shape_only.donors=[grey]", cwd=work)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for name in ("study.json", "study.md", "study.png"):
+        assert (root / name).is_file(), name
+    study = json.loads((root / "study.json").read_text())
+    assert study["methods"] == ["black", "grey", "layer"]  # study_methods: training fill, non-matching fill, layer
+    assert {r["regime"] for r in study["runs"]} == {"baseline", "mask_aug"}
+    assert not (work / "outputs").exists() and list(work.iterdir()) == []
+
+
+def test_study_mode_bad_input_is_one_line_and_leaves_nothing(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = evaluate_cli(f"study={empty}", "probes=[shape_only]", cwd=tmp_path)
+    assert_one_line_error(proc, "holds no runs")
+    assert proc.returncode == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"] and list(empty.iterdir()) == []
+
+    proc = evaluate_cli(f"study={tmp_path / 'missing'}", cwd=tmp_path)
+    assert_one_line_error(proc, "is not a directory")
+    ckpt = make_checkpoint(tmp_path / "last.ckpt")
+    proc = evaluate_cli(f"study={empty}", f"checkpoint={ckpt}", cwd=tmp_path)
+    assert_one_line_error(proc, "exclusive")
+    assert not (tmp_path / "outputs").exists()
