@@ -44,7 +44,10 @@ def load_classifier(path: str | os.PathLike, map_location: str | torch.device = 
     model_cfg = config.get("model", {})
     model = create_model(model_cfg["name"], num_classes=int(config["data"]["num_classes"]))
     state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches raise even with strict=False
+        raise UserError(f"checkpoint {str(path)!r} does not fit model {model_cfg['name']!r}: {str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else exc}") from exc
     if missing or unexpected:
         raise UserError(
             f"checkpoint {str(path)!r} does not fit model {model_cfg['name']!r} "
