@@ -20,7 +20,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from masktrain.cli import preflight, remove_run_dir
+from masktrain.cli import preflight, remove_run_dir, removed_on_user_error
 from masktrain.errors import UserError, check, exit_on_user_error
 
 
@@ -156,7 +156,7 @@ def main(cfg: DictConfig) -> None:
     if cfg.study:
         run_study_mode(cfg, out_dir)
         return
-    try:
+    with removed_on_user_error(out_dir, keep_if=lambda p: (p / "report.json").exists()):
         _init_distributed()
         model, datamodule, source = build_model_and_data(cfg)
         options = OmegaConf.to_container(cfg.probe_options, resolve=True)
@@ -170,9 +170,6 @@ def main(cfg: DictConfig) -> None:
         if dist.is_initialized() and dist.get_rank() != 0:
             return
         files = write_report(report, out_dir)
-    except (UserError, KeyboardInterrupt):
-        remove_run_dir(out_dir, keep_if=lambda p: (p / "report.json").exists())
-        raise
     target = str(OmegaConf.select(cfg, "logger._target_", default="") or "")
     if target.endswith("WandbLogger"):
         offline = bool(OmegaConf.select(cfg, "logger.offline", default=True))
