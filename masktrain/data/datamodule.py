@@ -80,7 +80,11 @@ class MaskDataModule(L.LightningDataModule):
         """The dataset of one split, built once."""
         check(split in SPLIT_NAMES, f"split {split!r} is unknown; choose one of {list(SPLIT_NAMES)}")
         if split not in self._sets:
-            self._sets[split] = self.dataset_factory(split=split)
+            ds = self.dataset_factory(split=split)
+            found = getattr(ds, "num_classes", None)
+            check(found is None or found <= self.num_classes,
+                  f"data.num_classes={self.num_classes} but the {self.name} dataset has {found} classes; pass data.num_classes={found}")
+            self._sets[split] = ds
         return self._sets[split]
 
     def _loader(self, split: str, shuffle: bool, epoch: int = 0) -> DataLoader:
