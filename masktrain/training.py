@@ -123,7 +123,7 @@ def _logger(cfg: DictConfig, run_dir: Path):
 
 
 def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
-    """Train one run into ``run_dir``; returns the final validation metrics."""
+    """Train one run into ``run_dir``; returns the final val/ and test/ metrics and the step count."""
     run_dir = Path(run_dir)
     validate_config(cfg)
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -152,11 +152,11 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
         seed=int(cfg.seed),
         config=OmegaConf.to_container(cfg, resolve=True),
     )
-    checkpoints = [
+    callbacks = [
         ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/acc_clean", mode="max",
                         save_top_k=1, save_last=True, enable_version_counter=False, auto_insert_metric_name=False),
+        MaskedSampleGrid(run_dir / "samples", cfg.samples.every_n_epochs),
     ]
-    callbacks = checkpoints + [MaskedSampleGrid(run_dir / "samples", cfg.samples.every_n_epochs)]
     trainer = hydra.utils.instantiate(
         cfg.trainer, default_root_dir=str(run_dir), callbacks=callbacks, logger=_logger(cfg, run_dir),
         plugins=[AtomicCheckpointIO()],
