@@ -1,92 +1,121 @@
-"""ImageNet-S / Pixel-ImageNet style folders: ``images/<class>/<name>.<jpg|png>`` with
-``masks/<class>/<name>.png`` (any nonzero pixel = object).
+"""ImageNet-S / Pixel-ImageNet style folders: ``images/<class>/<name>.<jpg|jpeg|png>`` with
+``masks/<class>/<name>.png``.
 
-Classes are the sorted folder names, or the indices of ``class_index_file`` (JSON
-``{"class name": model output index}``) so an ImageNet-1k model can be probed on a subset
-of its classes. Splits are a fixed function of each file's relative path (a hash), so they
-never change when files are added elsewhere.
+Masks: any nonzero pixel is object, whatever the file holds: 0/255, 0/1, a class id (grey or
+palette PNG), or ImageNet-S's RGB encoding (class id = R + 256 G; a grey RGB file reads as
+grey). With ``strict_binary=True`` a mask must hold only 0/1 or only 0/255, so a stray
+class-id or anti-aliased mask is reported instead of silently thresholded.
+
+Classes are the sorted folder names; labels are their positions, or the indices given by
+``class_index_file`` so an ImageNet-1k model can be probed on a subset of its classes:
+
+- JSON: ``{"<class folder>": <model output index>, ...}``;
+- text: one class per line, ``<class folder> <index>``, or just ``<class folder> [anything]``
+  (index = 0-based line number, as in ImageNet's ``LOC_synset_mapping.txt``).
+
+Splits are a fixed function of each file's relative path (a hash), so they never change
+when files are added elsewhere.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset
 
-from masktrain.data.io import open_image, read_object_mask, require_dir
-from masktrain.data.transforms import apply_joint, joint_transform
+from masktrain.data.base import Entry, MaskedImageDataset
+from masktrain.data.io import read_lines, read_object_mask, require_dir, stable_fraction
 from masktrain.errors import UserError, check
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 def _split_of(relative: str, val_fraction: float, test_fraction: float) -> str:
-    u = int(hashlib.sha1(relative.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    u = stable_fraction(relative)
     return "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
 
 
-class FolderDataset(Dataset):
-    """Samples ``(image (3, S, S) [0, 1], label, object_mask (1, S, S) {0, 1})``, S = ``image_size``."""
+def read_class_index(path: str | Path) -> dict[str, int]:
+    """``{class name: model output index}`` from a JSON object or a text list (see module doc)."""
+    path = Path(path)
+    check(path.is_file(), f"data.dataset.class_index_file={str(path)!r} does not exist")
+    if path.suffix.lower() == ".json":
+        try:
+            raw = json.loads(path.read_text())
+            return {str(k): int(v) for k, v in raw.items()}
+        except (ValueError, AttributeError, TypeError) as exc:
+            raise UserError(f"data.dataset.class_index_file={str(path)!r} is not a JSON object of class name -> integer index") from exc
+    index = {}
+    for number, line in enumerate(read_lines(path)):
+        parts = line.split()
+        explicit = len(parts) == 2 and parts[1].lstrip("-").isdigit()
+        index[parts[0]] = int(parts[1]) if explicit else number
+    check(index, f"data.dataset.class_index_file={str(path)!r} lists no classes")
+    return index
 
-    def __init__(
-        self,
-        root: str,
-        split: str = "train",
-        image_size: int = 224,
-        val_fraction: float = 0.1,
-        test_fraction: float = 0.2,
-        class_index_file: str | None = None,
-        strict_binary: bool = False,
-        limit: int | None = None,
-        crop_scale: tuple[float, float] = (0.5, 1.0),
-    ) -> None:
+
+class FolderDataset(MaskedImageDataset):
+    """Class folders with per-image masks; samples ``(image (3, S, S), label, mask (1, S, S))``.
+
+    Args:
+        root: folder holding ``images/`` and ``masks/``.
+        val_fraction / test_fraction: shares of the files (by hash of ``<class>/<file>``).
+        class_index_file: optional class name -> model output index map (JSON or text).
+        strict_binary: masks must be exactly 0/1 or 0/255.
+    """
+
+    dataset_name = "folder"
+
+    def __init__(self, root: str | None, split: str = "train", image_size: int = 224, val_fraction: float = 0.1,
+                 test_fraction: float = 0.2, class_index_file: str | None = None, strict_binary: bool = False,
+                 limit: int | None = None, skip_bad: bool = False, crop_scale: tuple[float, float] = (0.5, 1.0)) -> None:
+        super().__init__(split, image_size, crop_scale, limit, skip_bad)
+        check(0 <= val_fraction and 0 <= test_fraction and val_fraction + test_fraction <= 1,
+              f"data.dataset.val_fraction={val_fraction} and test_fraction={test_fraction} must be >= 0 with a sum <= 1")
         self.root = require_dir(root, "data=folder")
-        images_dir, masks_dir = self.root / "images", self.root / "masks"
-        check(images_dir.is_dir() and masks_dir.is_dir(), f"data.root={str(self.root)!r} needs images/<class>/ and masks/<class>/ folders")
-        check(split in ("train", "val", "test"), f"split {split!r} is unknown; choose train, val or test")
+        images_dir, self.masks_dir = self.root / "images", self.root / "masks"
+        check(images_dir.is_dir() and self.masks_dir.is_dir(),
+              f"data.root={str(self.root)!r} needs images/<class>/ and masks/<class>/ folders")
         folders = sorted(p for p in images_dir.iterdir() if p.is_dir())
         check(folders, f"{str(images_dir)!r} has no class folders")
+        self.strict_binary = bool(strict_binary)
         self.classes = [p.name for p in folders]
         if class_index_file:
-            path = Path(class_index_file)
-            check(path.is_file(), f"data.class_index_file={str(path)!r} does not exist")
-            try:
-                index = {str(k): int(v) for k, v in json.loads(path.read_text()).items()}
-            except (ValueError, AttributeError) as exc:
-                raise UserError(f"data.class_index_file={str(path)!r} is not a JSON object of class name -> index") from exc
+            index = read_class_index(class_index_file)
             unknown = [c for c in self.classes if c not in index]
-            check(not unknown, f"classes {unknown[:5]} are missing from data.class_index_file={str(path)!r}")
+            check(not unknown, f"classes {unknown[:5]} are missing from data.dataset.class_index_file={str(class_index_file)!r}")
             self.class_to_index = {c: index[c] for c in self.classes}
         else:
             self.class_to_index = {c: i for i, c in enumerate(self.classes)}
-        self.num_classes = max(self.class_to_index.values()) + 1
-        self.samples: list[tuple[Path, Path, int]] = []
+        candidates: list[tuple[Path, str]] = []
         for folder in folders:
             files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
             if not files:
-                raise UserError(f"class folder {str(folder)!r} holds no images (.jpg, .jpeg, .png)")
-            for image in files:
-                mask = masks_dir / folder.name / f"{image.stem}.png"
-                if not mask.is_file():
-                    raise UserError(f"image {str(image)!r} has no mask at {str(mask)!r}")
-                if _split_of(f"{folder.name}/{image.name}", val_fraction, test_fraction) == split:
-                    self.samples.append((image, mask, self.class_to_index[folder.name]))
-        if limit:
-            self.samples = self.samples[: int(limit)]
-        self.strict_binary = bool(strict_binary)
-        self.transform = joint_transform(split, int(image_size), tuple(crop_scale))
+                message = f"class folder {str(folder)!r} is empty (no .jpg, .jpeg or .png images); remove it or add images"
+                if not self.skip_bad:
+                    raise UserError(message)
+                self.skipped.append(message)
+            candidates += [(f, folder.name) for f in files if _split_of(f"{folder.name}/{f.name}", val_fraction, test_fraction) == split]
+        self._collect(candidates, key=lambda c: f"{c[1]}/{c[0].name}", make=self._entry)
 
-    def __len__(self) -> int:
-        return len(self.samples)
+    @property
+    def num_classes(self) -> int:
+        return max(self.class_to_index.values()) + 1
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, torch.Tensor]:
-        image_path, mask_path, label = self.samples[index]
-        image = open_image(image_path)
-        mask = read_object_mask(mask_path, tuple(image.shape[-2:]), self.strict_binary)
-        image, mask = apply_joint(self.transform, image, mask)
-        return image, label, mask
+    @property
+    def samples(self) -> list[tuple[Path, Path, int]]:
+        """``(image path, mask path, label)`` per sample, in order."""
+        return [(e.image, e.mask, e.label) for e in self.entries]
+
+    def _entry(self, candidate: tuple[Path, str]) -> Entry:
+        image, cls = candidate
+        mask = self.masks_dir / cls / f"{image.stem}.png"
+        if not mask.is_file():
+            raise UserError(f"image {str(image)!r} has no mask at {str(mask)!r}")
+        return Entry(image, self.class_to_index[cls], mask)
+
+    def read_mask(self, entry: Entry, size: tuple[int, int]) -> torch.Tensor:
+        return read_object_mask(entry.mask, size, self.strict_binary)
 
 
 def folder(split: str, root: str | None = None, **kwargs) -> FolderDataset:
