@@ -4,7 +4,8 @@
     python benchmarks/masks.py --threads 2 --repeats 30
 
 Prints img/s for each masktrain generator (with the grey fill, in place as on the
-training path) and for torchvision.transforms.v2.RandomErasing applied per sample and
+training path, where rectangles stay boxes and only the erased pixels are written;
+also with the dense keep mask built first) and for torchvision.transforms.v2.RandomErasing applied per sample and
 timm's RandomErasing on a batch (in place, as timm applies it, and on a copy), the ratios of masktrain rectangles + grey to both, and the share of a resnet18
 training step (64², batch 64) spent on augmentation. Timings are medians of interleaved
 repeats so that machine noise hits every contender alike.
@@ -59,14 +60,16 @@ def throughput(size: int, batch: int, repeats: int) -> dict[str, float]:
     for kind, kw in params.items():
         sampler = RandomKeepMask(kind, p=1.0, **kw)
 
-        def run(sampler=sampler, inplace=True):
+        def run(sampler=sampler, inplace=True, lazy=True):
+            # lazy=True is what the training step does: rectangles stay boxes for a one-colour fill
             g = step_generator(0, 0, 0)
-            keep = sampler(batch, (size, size), g, "cpu", object_masks=objects)
+            keep = sampler(batch, (size, size), g, "cpu", object_masks=objects, lazy=lazy)
             return fill(images, keep, "grey", g, GREY, inplace=inplace)
 
         contenders[f"masktrain {kind} + grey"] = run
         if kind == "rectangles":
             contenders["masktrain rectangles + grey (new batch)"] = lambda run=run: run(inplace=False)
+            contenders["masktrain rectangles + grey (dense keep mask)"] = lambda run=run: run(lazy=False)
     # Same job for the references: one rectangle per image (area 0.02-0.33), grey value.
     tv = v2.RandomErasing(p=1.0, scale=(0.02, 0.33), ratio=(0.3, 3.3), value=list(GREY))
     contenders["torchvision v2 RandomErasing (per sample)"] = lambda: torch.stack([tv(img) for img in images])
@@ -87,7 +90,7 @@ def augmentation_share(repeats: int) -> tuple[float, float, float]:
 
     def augment():
         g = step_generator(0, 0, 0)
-        return fill(images, sampler(64, (64, 64), g), "grey", g, GREY, inplace=True)
+        return fill(images, sampler(64, (64, 64), g, lazy=True), "grey", g, GREY, inplace=True)
 
     def step():
         loss = F.cross_entropy(model(images), labels)

@@ -13,7 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from masktrain.erase import erase_
 from masktrain.errors import UserError
+from masktrain.masks import BoxKeep
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 
@@ -33,15 +35,37 @@ def _mean_colour(images: Tensor, mean: Sequence[float]) -> Tensor:
     return torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
 
 
-@register_fill("black")
-def black(images: Tensor, keep: Tensor, generator=None, mean=IMAGENET_MEAN) -> Tensor:
-    return torch.zeros_like(images)
+ColourFn = Callable[..., Tensor]
+# Fills that put one colour per sample into the hole: ``colour(images, generator, mean) -> (B, C)``.
+# These can erase boxes directly (masktrain.erase) without a dense keep mask.
+COLOUR_FILLS: dict[str, ColourFn] = {}
 
 
-@register_fill("grey")
-def grey(images: Tensor, keep: Tensor, generator=None, mean=IMAGENET_MEAN) -> Tensor:
+def register_colour_fill(name: str) -> Callable[[ColourFn], ColourFn]:
+    """Register ``colour(images, generator, mean) -> (B, C)`` as the fill ``name`` too."""
+
+    def decorate(colour: ColourFn) -> ColourFn:
+        COLOUR_FILLS[name] = colour
+
+        def dense(images: Tensor, keep: Tensor, generator=None, mean=IMAGENET_MEAN) -> Tensor:
+            return colour(images, generator, mean)[..., None, None].expand_as(images)
+
+        dense.__doc__ = colour.__doc__
+        FILLS[name] = dense
+        return colour
+
+    return decorate
+
+
+@register_colour_fill("black")
+def black(images: Tensor, generator=None, mean=IMAGENET_MEAN) -> Tensor:
+    return images.new_zeros(images.shape[:2])
+
+
+@register_colour_fill("grey")
+def grey(images: Tensor, generator=None, mean=IMAGENET_MEAN) -> Tensor:
     """The dataset mean colour."""
-    return _mean_colour(images, mean).expand_as(images)
+    return _mean_colour(images, mean).view(1, -1).expand(images.shape[:2])
 
 
 @register_fill("mean")
@@ -53,12 +77,10 @@ def per_image_mean(images: Tensor, keep: Tensor, generator=None, mean=IMAGENET_M
     return colour.expand_as(images)
 
 
-@register_fill("random_colour")
-def random_colour(images: Tensor, keep: Tensor, generator=None, mean=IMAGENET_MEAN) -> Tensor:
+@register_colour_fill("random_colour")
+def random_colour(images: Tensor, generator=None, mean=IMAGENET_MEAN) -> Tensor:
     """One uniform random colour per image."""
-    B, C = images.shape[:2]
-    colour = torch.rand(B, C, 1, 1, generator=generator, device=images.device, dtype=images.dtype)
-    return colour.expand_as(images)
+    return torch.rand(images.shape[:2], generator=generator, device=images.device, dtype=images.dtype)
 
 
 @register_fill("noise")
@@ -99,7 +121,7 @@ def blur(images: Tensor, keep: Tensor, generator=None, mean=IMAGENET_MEAN, sigma
 
 def fill(
     images: Tensor,
-    keep: Tensor,
+    keep: "Tensor | BoxKeep",
     method: str,
     generator: torch.Generator | None = None,
     mean: Sequence[float] = IMAGENET_MEAN,
@@ -110,9 +132,17 @@ def fill(
     Returns a ``(B, 3, H, W)`` tensor; visible pixels are returned unchanged. With
     ``inplace=True`` ``images`` itself is overwritten and returned: on the training path
     this avoids allocating a new batch, which dominates the cost at 224².
+
+    ``keep`` may be a :class:`~masktrain.masks.BoxKeep`: a one-colour fill then writes the
+    boxes' pixels only (the same result, without reading or writing the rest of the batch).
     """
     if method not in FILLS:
         raise UserError(f"fill {method!r} is unknown; choose one of {sorted(FILLS)}")
+    if isinstance(keep, BoxKeep):
+        if method in COLOUR_FILLS:
+            target = images if inplace else images.clone()
+            return erase_(target, keep.boxes, COLOUR_FILLS[method](images, generator, mean))
+        keep = keep.dense(images.dtype)
     colour = FILLS[method](images, keep, generator=generator, mean=mean)
     return torch.where(keep.bool(), images, colour, out=images if inplace else None)
 

@@ -74,7 +74,8 @@ class MaskTrainModule(L.LightningModule):
             shown = images[:32]
         else:
             g = self._generator(self.global_step, TRAIN_STREAM)
-            keep = self.augment(images.shape[0], images.shape[-2:], g, self.device, object_masks=objects)
+            # lazy: rectangles stay boxes, so a one-colour fill writes only the erased pixels
+            keep = self.augment(images.shape[0], images.shape[-2:], g, self.device, object_masks=objects, lazy=True)
             if batch_idx == 0:  # separate stream: looking must not change the training draws
                 preview = self._generator(self.global_step, PREVIEW_STREAM)
                 shown = self.method.render(images[:32].clone(), keep[:32], preview)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from masktrain.erase import boxes_to_keep
 from masktrain.errors import UserError, check, check_range
 
 MaskGenerator = Callable[..., Tensor]
@@ -39,8 +40,48 @@ def _pair(value, name: str) -> tuple[float, float]:
     return float(value[0]), float(value[1])
 
 
-@register_mask("rectangles")
-def rectangles(
+class BoxKeep:
+    """A keep mask given by its removed rectangles, materialised only when needed.
+
+    ``boxes`` ``(B, K, 4)`` int64 rows (top, left, height, width), height or width 0 = no
+    box; ``size`` = (H, W). Fills with one colour per sample erase the boxes directly
+    (:func:`masktrain.erase.erase_`); everything else calls :meth:`dense`. Slicing
+    (``keep[:32]``) selects samples, as on a dense mask.
+    """
+
+    def __init__(self, boxes: Tensor, size: tuple[int, int]) -> None:
+        self.boxes, self.size = boxes, (int(size[0]), int(size[1]))
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((self.boxes.shape[0], 1, *self.size))
+
+    @property
+    def device(self) -> torch.device:
+        return self.boxes.device
+
+    def __len__(self) -> int:
+        return self.boxes.shape[0]
+
+    def __getitem__(self, index) -> "BoxKeep":
+        boxes = self.boxes[index]
+        check(boxes.dim() == 3, "BoxKeep supports selecting samples only (keep[i:j] or keep[indices])")
+        return BoxKeep(boxes, self.size)
+
+    def dense(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Keep ``(B, 1, H, W)``, 1 = visible."""
+        return boxes_to_keep(self.boxes, self.size, dtype)
+
+    def __repr__(self) -> str:
+        return f"BoxKeep(batch={len(self)}, boxes={self.boxes.shape[1]}, size={self.size})"
+
+
+def as_dense(keep: "Tensor | BoxKeep") -> Tensor:
+    """A dense keep mask ``(B, 1, H, W)`` from either form."""
+    return keep.dense() if isinstance(keep, BoxKeep) else keep
+
+
+def rectangle_boxes(
     batch_size: int,
     size: tuple[int, int],
     generator: torch.Generator,
@@ -51,15 +92,7 @@ def rectangles(
     aspect: Sequence[float] | float = (0.3, 3.3),
     object_masks: Tensor | None = None,
 ) -> Tensor:
-    """Random-erasing style rectangles.
-
-    Each sample gets ``count`` rectangles (uniform integer in the range), each covering
-    ``area`` of the image (uniform fraction) with a log-uniform aspect ratio h/w. A
-    rectangle that would not fit keeps its area and changes its aspect to fit, so the
-    requested area is what is removed (up to rounding and overlaps).
-
-    Returns: keep ``(B, 1, H, W)``.
-    """
+    """The boxes of :func:`rectangles`: ``(B, max count, 4)`` int64 (top, left, height, width), unused = 0."""
     H, W = size
     cmin, cmax = (int(c) for c in _pair(count, "count"))
     amin, amax = _pair(area, "area")
@@ -68,7 +101,7 @@ def rectangles(
     check(cmin >= 0 and cmax >= cmin, f"mask.count={[cmin, cmax]!r} must be 0 <= min <= max")
     check(rmin > 0 and rmax >= rmin, f"mask.aspect={[rmin, rmax]!r} must be 0 < min <= max")
     if cmax == 0:
-        return torch.ones(batch_size, 1, H, W, device=device)
+        return torch.zeros(batch_size, 0, 4, dtype=torch.int64, device=device)
     shape = (batch_size, cmax)
     n = torch.randint(cmin, cmax + 1, (batch_size, 1), generator=generator, device=device)
     target = _uniform(shape, amin, amax, generator, device) * (H * W)
@@ -81,14 +114,32 @@ def rectangles(
     top = torch.floor(torch.rand(shape, generator=generator, device=device) * (H - h + 1))
     left = torch.floor(torch.rand(shape, generator=generator, device=device) * (W - w + 1))
     active = torch.arange(cmax, device=device)[None, :] < n  # (B, cmax)
-    # Separable: a rectangle is (rows inside) ⊗ (columns inside); never build (B, cmax, H, W) floats.
-    ys = torch.arange(H, device=device, dtype=h.dtype)
-    xs = torch.arange(W, device=device, dtype=h.dtype)
-    rows = (ys >= top[..., None]) & (ys < (top + h)[..., None]) & active[..., None]  # (B, cmax, H)
-    cols = (xs >= left[..., None]) & (xs < (left + w)[..., None])  # (B, cmax, W)
-    removed = rows[..., :, None] & cols[..., None, :]
-    removed = removed[:, :1] if cmax == 1 else removed.any(dim=1, keepdim=True)
-    return (~removed).float()
+    boxes = torch.stack([top, left, h, w], dim=-1).to(torch.int64)
+    return boxes * active[..., None]
+
+
+@register_mask("rectangles")
+def rectangles(
+    batch_size: int,
+    size: tuple[int, int],
+    generator: torch.Generator,
+    device: torch.device | str = "cpu",
+    **params,
+) -> Tensor:
+    """Random-erasing style rectangles.
+
+    Each sample gets ``count`` rectangles (uniform integer in the range), each covering
+    ``area`` of the image (uniform fraction) with a log-uniform aspect ratio h/w. A
+    rectangle that would not fit keeps its area and changes its aspect to fit, so the
+    requested area is what is removed (up to rounding and overlaps).
+
+    Returns: keep ``(B, 1, H, W)``.
+    """
+    return boxes_to_keep(rectangle_boxes(batch_size, size, generator, device, **params), tuple(size))
+
+
+# Generators that can also return their masks as boxes (same draws, same masks).
+BOX_GENERATORS: dict[str, Callable[..., Tensor]] = {"rectangles": rectangle_boxes}
 
 
 @register_mask("patches")
@@ -220,8 +271,17 @@ class RandomKeepMask:
         generator: torch.Generator,
         device: torch.device | str = "cpu",
         object_masks: Tensor | None = None,
-    ) -> Tensor:
-        """Returns keep ``(B, 1, H, W)``."""
+        lazy: bool = False,
+    ) -> "Tensor | BoxKeep":
+        """Returns keep ``(B, 1, H, W)``; with ``lazy=True`` a :class:`BoxKeep` where the kind
+        has a box form (the same masks from the same draws), so a colour fill can erase the
+        boxes without building the dense mask."""
+        if lazy and self.kind in BOX_GENERATORS:
+            boxes = BOX_GENERATORS[self.kind](batch_size, tuple(size), generator, device, **self.params)
+            if self.p < 1.0:
+                chosen = torch.rand(batch_size, 1, 1, 1, generator=generator, device=device) < self.p
+                boxes = boxes * chosen.view(batch_size, 1, 1)
+            return BoxKeep(boxes, tuple(size))
         keep = make_keep_masks(self.kind, batch_size, size, generator, device, object_masks=object_masks, **self.params)
         if self.p >= 1.0:
             return keep

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from masktrain.errors import UserError
 from masktrain.fills import FILLS, IMAGENET_MEAN, fill
+from masktrain.masks import as_dense
 from masktrain.models import Classifier
 
 
@@ -21,7 +22,8 @@ class MaskingMethod:
     """Base: ``logits(...) -> (B, K)``, ``features(...) -> (B, D)``, ``render(...) -> (B, 3, H, W)``.
 
     ``inplace=True`` lets a method overwrite ``images`` (the training step does, to
-    avoid allocating a second batch).
+    avoid allocating a second batch). ``keep`` is a dense keep mask or a
+    :class:`~masktrain.masks.BoxKeep`.
     """
 
     name: str = ""
@@ -65,12 +67,14 @@ class LayerMethod(MaskingMethod):
     name = "layer"
 
     def render(self, images, keep, generator=None):
-        return images * keep
+        return images * as_dense(keep)
 
     def logits(self, model, images, keep, generator=None, inplace=False):
+        keep = as_dense(keep)
         return model.layer_masked("logits")(model.normalize(images * keep), keep)
 
     def features(self, model, images, keep, generator=None):
+        keep = as_dense(keep)
         return model.layer_masked("features")(model.normalize(images * keep), keep)
 
 
