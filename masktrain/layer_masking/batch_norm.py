@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from masktrain.layer_masking.masked import MaskCache, Masked
+from masktrain.layer_masking.masked import MaskCache, Masked, clean
 
 
 def _visible_fraction(mask: Tensor, cache: MaskCache) -> tuple[float, float]:
@@ -40,7 +40,10 @@ def masked_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: Masked, cache: Mas
     if not use_batch_stats:
         # F.batch_norm, not bn(): subclasses such as timm's BatchNormAct2d append their own act.
         out = F.batch_norm(x.a, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+        if not torch.is_grad_enabled():
+            return Masked(out, x.m, dirty=True)  # per position: the removed ones are zeroed lazily
         return Masked(out.mul_(x.m), x.m)  # in place: BN's backward saves its input, not its output
+    x = clean(x)
     a, m = x.a, x.m
     n, p = _visible_fraction(m, cache)
     if n == 0:  # nothing visible anywhere in the batch: no statistics, output all removed
