@@ -29,6 +29,9 @@ class Ctx:
     def __init__(self) -> None:
         self.cache = MaskCache()
         self.where = ""
+        # positional arguments of the current op whose tensors nothing else reads (set per step
+        # by the converter from the graph): the rule may write its result into them
+        self.overwritable: Tuple[int, ...] = ()
 
     def fail(self, op: str, reason: str) -> UserError:
         return UserError(f"layer masking does not support {op} at {self.where}: {reason}")
@@ -164,13 +167,29 @@ def _additive(ctx: Ctx, fn: Callable, args: tuple, kwargs: dict) -> Masked:
     x, y = args[0], args[1]
     if isinstance(x, Masked) and isinstance(y, Masked):
         mask, same = intersect(ctx, [x.m, y.m])
-        out = fn(x.a, y.a, *args[2:], **kwargs)
+        out = _add_in_place(ctx, fn, x.a, y.a, args, kwargs)
+        if out is None:
+            out = fn(x.a, y.a, *args[2:], **kwargs)
         # Different masks: x + y is non-zero on the union; the intersection is cleaned lazily.
         return Masked(out, mask, x.dirty or y.dirty or not same)
     masked = x if isinstance(x, Masked) else y
     xa = x.a if isinstance(x, Masked) else x
     ya = y.a if isinstance(y, Masked) else y
     return Masked(fn(xa, ya, *args[2:], **kwargs), masked.m, dirty=True)
+
+
+_ADDS = (operator.add, operator.iadd, torch.add)
+
+
+def _add_in_place(ctx: Ctx, fn: Callable, xa: Tensor, ya: Tensor, args: tuple, kwargs: dict) -> Optional[Tensor]:
+    """``xa + ya`` written into an operand nothing else reads (as the plain model's ``x += shortcut``)."""
+    if fn not in _ADDS or len(args) != 2 or kwargs or xa.shape != ya.shape or xa.dtype != ya.dtype:
+        return None
+    if 0 in ctx.overwritable:
+        return xa.add_(ya)
+    if 1 in ctx.overwritable:
+        return ya.add_(xa)
+    return None
 
 
 def _multiplicative(ctx: Ctx, fn: Callable, args: tuple, kwargs: dict) -> Masked:
