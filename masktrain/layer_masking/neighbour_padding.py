@@ -74,10 +74,12 @@ def neighbour_pad(a: Tensor, mask: Tensor, rounds: int, cache: MaskCache) -> Ten
     if rounds <= 0:
         return a
     coeffs = cache.get(mask, ("fill", rounds), lambda: fill_coefficients(mask, rounds))
-    for c in coeffs:
+    for r, c in enumerate(coeffs):
         with torch.no_grad():  # the fill carries no gradient
             sums = box_sum(a, cache)
-        a = torch.addcmul(a, sums, c)  # one fused pass: a + c * sums
+        # one fused pass a + c * sums; after the first round ``a`` is our own tensor, which
+        # nothing saves for backward (addcmul's gradient for it is the identity), so update it in place
+        a = torch.addcmul(a, sums, c) if r == 0 else a.addcmul_(sums, c)
     return a
 
 

@@ -411,7 +411,7 @@ METHOD_RULES["mean"] = Rule(_mean, _mean_static)
 
 
 def _batch_norm(ctx: Ctx, bn: nn.Module, args: tuple, kwargs: dict) -> Masked:
-    return masked_batch_norm(bn, args[0], ctx.cache)
+    return masked_batch_norm(bn, args[0], ctx.cache, overwrite=0 in ctx.overwritable)
 
 
 def apply_module(ctx: Ctx, mod: nn.Module, x: Masked) -> Any:
@@ -424,7 +424,7 @@ def apply_module(ctx: Ctx, mod: nn.Module, x: Masked) -> Any:
 
 def _batch_norm_act(ctx: Ctx, bn: nn.Module, args: tuple, kwargs: dict) -> Masked:
     # timm's BatchNormAct2d = batch norm, then its own drop and act submodules.
-    x = masked_batch_norm(bn, args[0], ctx.cache)
+    x = masked_batch_norm(bn, args[0], ctx.cache, overwrite=0 in ctx.overwritable)
     return apply_module(ctx, bn.act, apply_module(ctx, bn.drop, x))
 
 
