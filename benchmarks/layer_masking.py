@@ -8,6 +8,12 @@ statistics) of ``layer_mask(resnet50)`` and of the plain model on the same batch
 repeat runs one plain and one masked call back to back (order alternating), and the
 reported ratio is the median of the per-pair ratios, so machine noise hits both alike.
 Also checks that the masked logits with an all-ones mask equal the plain logits.
+
+On a CPU shared with other busy processes, ``--threads 2`` on 2 cores is dominated by
+scheduling: every op's parallel region waits for a descheduled thread, which penalises
+the masked model's extra (short) ops far more than the plain model's long convolutions
+(plain forward seen at 0.5–4.3 s on the same machine). ``--threads 1`` gives stable
+ratios there; compare against a baseline only within one run or back-to-back runs.
 """
 from __future__ import annotations
 

@@ -281,3 +281,64 @@ def test_batch_norm_eval_uses_running_statistics():
         assert torch.equal(v, before[k]), k
     normed = probe.bn(x)
     torch.testing.assert_close(out, (normed * keep).sum((2, 3)) / keep.sum((2, 3)))
+
+
+# --------------------------------------------------------------------------- fast paths
+
+
+@pytest.mark.parametrize("channels", [1, 3, 8, 9, 16])
+def test_box_sum_equals_depthwise_convolution(channels):
+    """The shifted-add box sum (few channels) and the depthwise conv give the same 3×3 sums."""
+    from masktrain.layer_masking.neighbour_padding import box_sum
+
+    g = torch.Generator().manual_seed(channels)
+    a = torch.randn(2, channels, 9, 13, generator=g, dtype=torch.float64)
+    ref = nn.functional.conv2d(a, torch.ones(channels, 1, 3, 3, dtype=torch.float64), padding=1, groups=channels)
+    torch.testing.assert_close(box_sum(a), ref, rtol=1e-12, atol=1e-12)
+    mask = (torch.rand(2, 1, 9, 13, generator=g) > 0.5).float()
+    mask[0] = 0  # empty image; the other touches the border
+    assert torch.equal(box_sum(mask), nn.functional.conv2d(mask, torch.ones(1, 1, 3, 3), padding=1))  # exact counts
+
+
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0"])
+def test_in_place_paths_match_out_of_place(monkeypatch, name):
+    """Writing into operands nothing else reads (residual add, training BN) changes no output or gradient."""
+    from masktrain.layer_masking import convert
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10).double().train()
+    x = torch.randn(2, 3, 48, 48, dtype=torch.float64)
+    keep = _patch_keep(2, 48, 8, seed=4)
+    keep[1, :, :, :24] = 0
+
+    def run():
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        model.zero_grad()
+        out = layer_mask(model)(x, keep)
+        out.square().sum().backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        model.load_state_dict(state)  # undo the running-statistics update
+        return out.detach(), grads
+
+    fast, fast_grads = run()
+    assert any(s.overwritable for s in layer_mask(model)._steps)
+    monkeypatch.setattr(convert, "_mark_overwritable", lambda steps, modules: None)
+    assert not any(s.overwritable for s in layer_mask(model)._steps)
+    slow, slow_grads = run()
+    assert _rel(fast, slow) < 1e-12
+    for f, s in zip(fast_grads, slow_grads):
+        assert torch.allclose(f, s, rtol=1e-10, atol=1e-12)
+
+
+def test_lazy_remasking_keeps_removed_positions_unread_in_eval():
+    """Eval mode leaves values at removed positions between per-position ops; the output must still
+    equal a run where every intermediate removed position holds other garbage (here: a huge input there)."""
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=10).double().eval()
+    x = torch.randn(2, 3, 48, 48, dtype=torch.float64)
+    keep = _pixel_keep(2, 48, seed=7)
+    masked = layer_mask(model)
+    with torch.no_grad():
+        out = masked(x, keep)
+        assert torch.equal(masked(x + 1e6 * (1 - keep), keep), out)
+        assert torch.isfinite(out).all()

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from masktrain.layer_masking.masked import MaskCache, Masked
+from masktrain.layer_masking.masked import MaskCache, Masked, clean
 
 
 def _visible_fraction(mask: Tensor, cache: MaskCache) -> tuple[float, float]:
@@ -34,19 +34,30 @@ def _visible_fraction(mask: Tensor, cache: MaskCache) -> tuple[float, float]:
     return cache.get(mask, "visible", compute)
 
 
-def masked_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: Masked, cache: MaskCache) -> Masked:
-    """Batch norm ``bn`` applied to ``x`` (``a`` ``(B, C, h, w)``) with statistics over visible positions."""
+def masked_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: Masked, cache: MaskCache, overwrite: bool = False) -> Masked:
+    """Batch norm ``bn`` applied to ``x`` (``a`` ``(B, C, h, w)``) with statistics over visible positions.
+
+    ``overwrite``: ``x.a`` is read by nothing else and not saved for backward (e.g. a conv output),
+    so training mode may zero and shift it in place instead of allocating.
+    """
     use_batch_stats = bn.training or bn.running_mean is None or bn.running_var is None
     if not use_batch_stats:
         # F.batch_norm, not bn(): subclasses such as timm's BatchNormAct2d append their own act.
         out = F.batch_norm(x.a, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+        if not torch.is_grad_enabled():
+            return Masked(out, x.m, dirty=True)  # per position: the removed ones are zeroed lazily
         return Masked(out.mul_(x.m), x.m)  # in place: BN's backward saves its input, not its output
+    if x.dirty and overwrite:
+        x = Masked(x.a.mul_(x.m), x.m)
+    x = clean(x)
     a, m = x.a, x.m
     n, p = _visible_fraction(m, cache)
     if n == 0:  # nothing visible anywhere in the batch: no statistics, output all removed
         return Masked(a * 0, m)
     mean = a.sum(dim=(0, 2, 3)) / n  # a is zero where removed
-    shifted = torch.addcmul(a, 1 - m, mean.view(1, -1, 1, 1))
+    removed = cache.get(m, "removed", lambda: 1 - m)
+    # a's sum has no saved tensors and addcmul's gradient for a is the identity: in place is autograd-safe
+    shifted = a.addcmul_(removed, mean.view(1, -1, 1, 1)) if overwrite else torch.addcmul(a, removed, mean.view(1, -1, 1, 1))
     weight = bn.weight if bn.weight is not None else torch.ones_like(mean)
     out, _, invstd = torch.native_batch_norm(
         shifted, weight * p**0.5, bn.bias, None, None, True, 0.0, bn.eps * p

@@ -79,11 +79,12 @@ def _input_nodes(node: fx.Node) -> List[fx.Node]:
 class _Step:
     """One graph node resolved at conversion: how to call it, and with which rule if masked."""
 
-    __slots__ = ("node", "kind", "target", "rule", "where", "free")
+    __slots__ = ("node", "kind", "target", "rule", "where", "free", "overwritable")
 
     def __init__(self, node: fx.Node, kind: str, target: Any, rule: Optional[Rule], where: str) -> None:
         self.node, self.kind, self.target, self.rule, self.where = node, kind, target, rule, where
         self.free: List[fx.Node] = []  # values no later step reads
+        self.overwritable: Tuple[int, ...] = ()  # positional args the rule may modify in place
 
 
 def _resolve(node: fx.Node, modules: Dict[str, nn.Module]) -> Tuple[Any, Optional[Rule]]:
@@ -153,7 +154,7 @@ class LayerMasked(nn.Module):
     @staticmethod
     def _call(step: _Step, ctx: Ctx, args: tuple, kwargs: dict) -> Any:
         if step.rule is not None and _any_masked(args, kwargs):
-            ctx.where = step.where
+            ctx.where, ctx.overwritable = step.where, step.overwritable
             return step.rule.run(ctx, step.target, args, kwargs)
         if _any_masked(args, kwargs):  # only reachable if static analysis was bypassed
             raise ctx.fail(step.kind, describe_missing(str(step.node.target)))
@@ -224,7 +225,36 @@ def _plan(model: nn.Module, graph: fx.Graph) -> List[_Step]:
                 raise UserError(f"{exc} (at {where})") from None
         steps.append(_Step(node, node.op, target, rule, where))
     _mark_last_uses(graph, steps)
+    _mark_overwritable(steps, modules)
     return steps
+
+
+# Rules for these modules return a tensor they allocated and that nothing else references,
+# and autograd does not save it (BN and conv save their inputs, the mask multiply saves the
+# mask), so a single consumer may write into it.
+_FRESH_OUTPUT_MODULES = (nn.Conv2d, nn.BatchNorm2d)
+
+
+_PASS_THROUGH_MODULES = (nn.Identity, nn.Dropout)  # return their input (or, training, a fresh tensor)
+
+
+def _sole_fresh(node: Any, modules: Dict[str, nn.Module]) -> bool:
+    """Whether ``node``'s value is a fresh tensor read only by its single user."""
+    if not isinstance(node, fx.Node) or len(node.users) != 1 or node.op != "call_module":
+        return False
+    module = modules[node.target]
+    kind = type(module)
+    if kind in _FRESH_OUTPUT_MODULES:
+        return True
+    if kind.__name__ == "BatchNormAct2d":  # timm: bn, then drop and act submodules
+        return all(type(getattr(module, sub, None)) in _PASS_THROUGH_MODULES for sub in ("drop", "act"))
+    return kind in _PASS_THROUGH_MODULES and len(node.args) == 1 and _sole_fresh(node.args[0], modules)
+
+
+def _mark_overwritable(steps: List[_Step], modules: Dict[str, nn.Module]) -> None:
+    for step in steps:
+        if step.rule is not None:
+            step.overwritable = tuple(i for i, arg in enumerate(step.node.args) if _sole_fresh(arg, modules))
 
 
 def _mark_last_uses(graph: fx.Graph, steps: List[_Step]) -> None:

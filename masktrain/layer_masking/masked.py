@@ -3,7 +3,15 @@
 A :class:`Masked` pairs activations ``a`` ``(B, C, h, w)`` with a keep mask ``m``
 ``(B, 1, h, w)`` (1 = visible). Invariant: ``a`` is exactly zero where ``m == 0``,
 so sums over all positions are sums over visible positions and zero-preserving
-functions (``f(0) = 0``) need no re-masking.
+functions (``f(0) = 0``) need no re-masking — unless ``dirty`` is set.
+
+``dirty`` (lazy re-masking): ``a`` may hold values at removed positions. Only the
+visible positions of a map ever reach a visible output, so ops that work position by
+position (batch norm with running statistics, activations, 1×1 convolutions, adds and
+products, channel concatenation) need not zero the removed positions; the next op that
+reads across positions or sums over them (a k×k convolution's neighbour padding, pooling,
+training-mode batch norm) calls :func:`clean` first, or zeroes them fused into its own pass
+(ReLU). Visible values are bit-for-bit those of the eager ``f(a·m)·m`` rules.
 """
 from __future__ import annotations
 
@@ -19,6 +27,12 @@ class Masked:
 
     a: Tensor
     m: Tensor
+    dirty: bool = False  # a may be non-zero where m == 0 (see the module docstring)
+
+
+def clean(x: Masked) -> Masked:
+    """``x`` with ``a`` zero at removed positions (a new tensor if it was dirty)."""
+    return Masked(x.a * x.m, x.m) if x.dirty else x
 
 
 class MaskCache:

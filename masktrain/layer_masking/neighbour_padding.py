@@ -13,7 +13,7 @@ work is one depthwise 3×3 convolution and one multiply-add.
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -24,17 +24,43 @@ from masktrain.layer_masking.masked import MaskCache
 FILL_EPS = 1e-5  # the paper's denominator epsilon; kept so fixture logits match
 
 
+SEPARABLE_MAX_CHANNELS = 8  # below this, shifted adds beat the depthwise conv (NCHW, CPU: up to 45x)
+
+
 def _box_filter(channels: int, like: Tensor) -> Tensor:
     return torch.ones(channels, 1, 3, 3, dtype=like.dtype, device=like.device)
+
+
+def _box_sum_separable(a: Tensor) -> Tensor:
+    """3×3 neighbourhood sums (zero padding) as four shifted adds.
+
+    oneDNN's NCHW depthwise convolution is very slow for few channels (the input image,
+    the 1-channel masks): 35 ms against 0.8 ms for ``(8, 3, 224, 224)`` on one CPU thread.
+    """
+    p = F.pad(a, (1, 1, 1, 1))
+    rows = p[..., :, :-2] + p[..., :, 1:-1]
+    rows += p[..., :, 2:]
+    out = rows[..., :-2, :] + rows[..., 1:-1, :]
+    out += rows[..., 2:, :]
+    return out
+
+
+def box_sum(a: Tensor, cache: Optional[MaskCache] = None) -> Tensor:
+    """3×3 neighbourhood sums of ``a`` ``(B, C, h, w)`` per channel, zero padding at the border."""
+    channels = a.shape[1]
+    if channels <= SEPARABLE_MAX_CHANNELS:
+        return _box_sum_separable(a)
+    make = lambda: _box_filter(channels, a)  # noqa: E731
+    box = make() if cache is None else cache.const(("box", channels, a.dtype, a.device), make)
+    return F.conv2d(a, box, padding=1, groups=channels)
 
 
 def fill_coefficients(mask: Tensor, rounds: int) -> List[Tensor]:
     """Per-round coefficients ``c_r`` ``(B, 1, h, w)`` for ``rounds`` rounds of padding from ``mask``."""
     coeffs: List[Tensor] = []
-    box = _box_filter(1, mask)
     m = mask
     for _ in range(rounds):
-        count = F.conv2d(m, box, padding=1)
+        count = box_sum(m)  # exact: small integers
         coeffs.append((1 - m) / (count + FILL_EPS))
         m = (m + count).clamp_(0, 1)
     return coeffs
@@ -48,11 +74,12 @@ def neighbour_pad(a: Tensor, mask: Tensor, rounds: int, cache: MaskCache) -> Ten
     if rounds <= 0:
         return a
     coeffs = cache.get(mask, ("fill", rounds), lambda: fill_coefficients(mask, rounds))
-    box = cache.const(("box", a.shape[1], a.dtype, a.device), lambda: _box_filter(a.shape[1], a))
-    for c in coeffs:
+    for r, c in enumerate(coeffs):
         with torch.no_grad():  # the fill carries no gradient
-            sums = F.conv2d(a, box, padding=1, groups=a.shape[1])
-        a = torch.addcmul(a, sums, c)  # one fused pass: a + c * sums
+            sums = box_sum(a, cache)
+        # one fused pass a + c * sums; after the first round ``a`` is our own tensor, which
+        # nothing saves for backward (addcmul's gradient for it is the identity), so update it in place
+        a = torch.addcmul(a, sums, c) if r == 0 else a.addcmul_(sums, c)
     return a
 
 

@@ -19,7 +19,7 @@ from torch import Tensor, fx, nn
 
 from masktrain.errors import UserError
 from masktrain.layer_masking.batch_norm import masked_batch_norm
-from masktrain.layer_masking.masked import MaskCache, Masked
+from masktrain.layer_masking.masked import MaskCache, Masked, clean
 from masktrain.layer_masking.neighbour_padding import neighbour_pad, pool_mask, rounds_for_kernel
 
 
@@ -29,6 +29,9 @@ class Ctx:
     def __init__(self) -> None:
         self.cache = MaskCache()
         self.where = ""
+        # positional arguments of the current op whose tensors nothing else reads (set per step
+        # by the converter from the graph): the rule may write its result into them
+        self.overwritable: Tuple[int, ...] = ()
 
     def fail(self, op: str, reason: str) -> UserError:
         return UserError(f"layer masking does not support {op} at {self.where}: {reason}")
@@ -68,22 +71,41 @@ def _plain(node: fx.Node, target: Any) -> bool:
 def _zero_preserving_module(ctx: Ctx, mod: nn.Module, args: tuple, kwargs: dict) -> Masked:
     # f(0) = 0 and a is already 0 where removed, so f(a·m)·m = f(a): no re-masking needed.
     x = args[0]
-    return Masked(mod(x.a), x.m)
+    return Masked(mod(x.a), x.m, x.dirty)
+
+
+def _relu_clean(ctx: Ctx, a: Tensor, m: Tensor, inplace: bool) -> Optional[Tensor]:
+    """``relu(a)·m`` in one pass, ``clamp(a, 0, cap)`` with ``cap = inf`` where visible and 0 where
+    removed; ``None`` under autograd (an in-place clamp would have to save its input)."""
+    if torch.is_grad_enabled() and a.requires_grad:
+        return None
+    cap = ctx.cache.get(m, "relu_cap", lambda: torch.where(m > 0, float("inf"), 0.0).to(m.dtype))
+    zero = ctx.cache.const(("zero", a.dtype, a.device), lambda: torch.zeros((), dtype=a.dtype, device=a.device))
+    return a.clamp_(zero, cap) if inplace else torch.clamp(a, zero, cap)
+
+
+def _relu_module(ctx: Ctx, mod: nn.ReLU, args: tuple, kwargs: dict) -> Masked:
+    x = args[0]
+    if x.dirty:
+        out = _relu_clean(ctx, x.a, x.m, mod.inplace)
+        if out is not None:
+            return Masked(out, x.m)
+    return Masked(mod(x.a), x.m, x.dirty)
 
 
 def _remask_module(ctx: Ctx, mod: nn.Module, args: tuple, kwargs: dict) -> Masked:
     x = args[0]
-    return Masked(mod(x.a) * x.m, x.m)
+    return Masked(mod(x.a), x.m, dirty=True)  # f(0) != 0: removed positions left for the next clean
 
 
 def _zero_preserving_function(ctx: Ctx, fn: Callable, args: tuple, kwargs: dict) -> Masked:
     x = args[0]
-    return Masked(fn(x.a, *args[1:], **kwargs), x.m)
+    return Masked(fn(x.a, *args[1:], **kwargs), x.m, x.dirty)
 
 
 def _remask_function(ctx: Ctx, fn: Callable, args: tuple, kwargs: dict) -> Masked:
     x = args[0]
-    return Masked(fn(x.a, *args[1:], **kwargs) * x.m, x.m)
+    return Masked(fn(x.a, *args[1:], **kwargs), x.m, dirty=True)
 
 
 def _method(name: str) -> Callable:
@@ -102,15 +124,18 @@ ZERO_PRESERVING_FUNCTIONS = (
 REMASK_FUNCTIONS = (torch.sigmoid, F.sigmoid, F.hardsigmoid)
 
 _register(MODULE_RULES, ZERO_PRESERVING_MODULES, _zero_preserving_module)
+_register(MODULE_RULES, (nn.ReLU,), _relu_module)
 _register(MODULE_RULES, REMASK_MODULES, _remask_module)
 _register(FUNCTION_RULES, ZERO_PRESERVING_FUNCTIONS, _zero_preserving_function)
 _register(FUNCTION_RULES, REMASK_FUNCTIONS, _remask_function)
 for _name in ("relu", "tanh", "contiguous", "float", "to", "type_as", "clone"):
     # dtype/device/layout changes keep zeros zero; masks follow the activations' dtype on use
-    METHOD_RULES[_name] = Rule(lambda ctx, name, args, kwargs: Masked(getattr(args[0].a, name)(*args[1:], **kwargs), args[0].m))
+    METHOD_RULES[_name] = Rule(
+        lambda ctx, name, args, kwargs: Masked(getattr(args[0].a, name)(*args[1:], **kwargs), args[0].m, args[0].dirty)
+    )
 for _name in ("sigmoid",):
     METHOD_RULES[_name] = Rule(
-        lambda ctx, name, args, kwargs: Masked(getattr(args[0].a, name)(*args[1:], **kwargs) * args[0].m, args[0].m)
+        lambda ctx, name, args, kwargs: Masked(getattr(args[0].a, name)(*args[1:], **kwargs), args[0].m, dirty=True)
     )
 
 
@@ -142,23 +167,41 @@ def _additive(ctx: Ctx, fn: Callable, args: tuple, kwargs: dict) -> Masked:
     x, y = args[0], args[1]
     if isinstance(x, Masked) and isinstance(y, Masked):
         mask, same = intersect(ctx, [x.m, y.m])
-        out = fn(x.a, y.a, *args[2:], **kwargs)
-        return Masked(out if same else out * mask, mask)
+        out = _add_in_place(ctx, fn, x.a, y.a, args, kwargs)
+        if out is None:
+            out = fn(x.a, y.a, *args[2:], **kwargs)
+        # Different masks: x + y is non-zero on the union; the intersection is cleaned lazily.
+        return Masked(out, mask, x.dirty or y.dirty or not same)
     masked = x if isinstance(x, Masked) else y
     xa = x.a if isinstance(x, Masked) else x
     ya = y.a if isinstance(y, Masked) else y
-    return Masked(fn(xa, ya, *args[2:], **kwargs) * masked.m, masked.m)
+    return Masked(fn(xa, ya, *args[2:], **kwargs), masked.m, dirty=True)
+
+
+_ADDS = (operator.add, operator.iadd, torch.add)
+
+
+def _add_in_place(ctx: Ctx, fn: Callable, xa: Tensor, ya: Tensor, args: tuple, kwargs: dict) -> Optional[Tensor]:
+    """``xa + ya`` written into an operand nothing else reads (as the plain model's ``x += shortcut``)."""
+    if fn not in _ADDS or len(args) != 2 or kwargs or xa.shape != ya.shape or xa.dtype != ya.dtype:
+        return None
+    if 0 in ctx.overwritable:
+        return xa.add_(ya)
+    if 1 in ctx.overwritable:
+        return ya.add_(xa)
+    return None
 
 
 def _multiplicative(ctx: Ctx, fn: Callable, args: tuple, kwargs: dict) -> Masked:
     x, y = args[0], args[1]
     if isinstance(x, Masked) and isinstance(y, Masked):
         mask, _ = intersect(ctx, [x.m, y.m])
-        return Masked(fn(x.a, y.a, *args[2:], **kwargs), mask)  # 0 wherever either is removed
+        # clean operands: 0 wherever either is removed
+        return Masked(fn(x.a, y.a, *args[2:], **kwargs), mask, x.dirty or y.dirty)
     masked = x if isinstance(x, Masked) else y
     xa = x.a if isinstance(x, Masked) else x
     ya = y.a if isinstance(y, Masked) else y
-    return Masked(fn(xa, ya, *args[2:], **kwargs), masked.m)
+    return Masked(fn(xa, ya, *args[2:], **kwargs), masked.m, masked.dirty)
 
 
 def _divide(ctx: Ctx, fn: Callable, args: tuple, kwargs: dict) -> Masked:
@@ -195,7 +238,7 @@ def _cat(ctx: Ctx, fn: Callable, args: tuple, kwargs: dict) -> Masked:
         raise ctx.fail("concatenation", "mixing masked activations with plain tensors")
     mask, same = intersect(ctx, [p.m for p in parts])
     out = fn([p.a for p in parts], *args[1:], **kwargs)
-    return Masked(out if same else out * mask, mask)
+    return Masked(out, mask, not same or any(p.dirty for p in parts))
 
 
 _register(FUNCTION_RULES, (torch.cat, torch.concat), _cat, _cat_static)
@@ -236,15 +279,19 @@ def _conv_static(node: fx.Node, conv: nn.Conv2d) -> bool:
 
 def _conv(ctx: Ctx, conv: nn.Conv2d, args: tuple, kwargs: dict) -> Masked:
     x = args[0]
-    rounds = rounds_for_kernel(conv.kernel_size, conv.dilation)
-    out = conv(neighbour_pad(x.a, x.m, rounds, ctx.cache))
     geometry = (tuple(conv.kernel_size), tuple(conv.stride), _conv_padding(conv), tuple(conv.dilation))
     mask = ctx.cache.get(x.m, ("maxpool",) + geometry, lambda: pool_mask(x.m, *geometry))
-    if geometry[0] == (1, 1) and geometry[2] == (0, 0) and conv.bias is None:
-        return Masked(out, mask)  # each output reads one input position: already 0 where removed
-    # In place: conv's backward needs its input and weight, not its output, so this is autograd-safe
-    # and saves one allocation per conv.
-    return Masked(out.mul_(mask), mask)
+    if geometry[0] == (1, 1) and geometry[2] == (0, 0):
+        # each output reads one input position: removed outputs only ever see removed inputs
+        return Masked(conv(x.a), mask, x.dirty or conv.bias is not None)
+    x = clean(x)  # neighbour padding needs zeros at removed positions
+    rounds = rounds_for_kernel(conv.kernel_size, conv.dilation)
+    out = conv(neighbour_pad(x.a, x.m, rounds, ctx.cache))
+    if torch.is_grad_enabled():
+        # In place: conv's backward needs its input and weight, not its output, so this is
+        # autograd-safe and saves one allocation per conv.
+        return Masked(out.mul_(mask), mask)
+    return Masked(out, mask, dirty=True)
 
 
 _register(MODULE_RULES, (nn.Conv2d,), _conv, _conv_static)
@@ -263,7 +310,7 @@ def _max_pool(ctx: Ctx, pool: nn.MaxPool2d, args: tuple, kwargs: dict) -> Masked
     geometry = (_pair(pool.kernel_size), _pair(pool.stride or pool.kernel_size), _pair(pool.padding),
                 _pair(pool.dilation), pool.ceil_mode)
     mask = ctx.cache.get(x.m, ("maxpool",) + geometry, lambda: pool_mask(x.m, *geometry))
-    return Masked(pool(x.a) * mask, mask)
+    return Masked(pool(clean(x).a), mask)  # a window without a visible position holds only zeros
 
 
 def _max_pool_static(node: fx.Node, pool: nn.MaxPool2d) -> bool:
@@ -278,7 +325,7 @@ def _avg_pool(ctx: Ctx, pool: nn.AvgPool2d, args: tuple, kwargs: dict) -> Masked
     key = ("avgpool", _pair(pool.kernel_size), _pair(pool.stride or pool.kernel_size), _pair(pool.padding),
            pool.ceil_mode, pool.count_include_pad)
     mask = ctx.cache.get(x.m, key, lambda: (pool(x.m) > 0).to(x.m.dtype))
-    return Masked(pool(x.a) * mask, mask)
+    return Masked(pool(clean(x).a), mask)  # a window without a visible position holds only zeros
 
 
 def _is_global(output_size) -> bool:
@@ -287,6 +334,7 @@ def _is_global(output_size) -> bool:
 
 def _masked_mean(x: Masked, keepdim: bool) -> Tensor:
     """Mean over visible positions per channel: ``(B, C, 1, 1)`` or ``(B, C)``; 0 when nothing is visible."""
+    x = clean(x)
     count = x.m.sum(dim=(2, 3), keepdim=keepdim).clamp(min=1)
     return x.a.sum(dim=(2, 3), keepdim=keepdim) / count
 
@@ -299,6 +347,7 @@ def _adaptive_avg_static(node: fx.Node, target: Any) -> bool:
 def _adaptive_avg(ctx: Ctx, output_size, x: Masked) -> Any:
     if _is_global(output_size):
         return _masked_mean(x, keepdim=True)  # mask consumed: a plain (B, C, 1, 1) tensor
+    x = clean(x)
     total = F.adaptive_avg_pool2d(x.a, output_size)
     share = F.adaptive_avg_pool2d(x.m, output_size)
     mask = (share > 0).to(x.m.dtype)
@@ -362,7 +411,7 @@ METHOD_RULES["mean"] = Rule(_mean, _mean_static)
 
 
 def _batch_norm(ctx: Ctx, bn: nn.Module, args: tuple, kwargs: dict) -> Masked:
-    return masked_batch_norm(bn, args[0], ctx.cache)
+    return masked_batch_norm(bn, args[0], ctx.cache, overwrite=0 in ctx.overwritable)
 
 
 def apply_module(ctx: Ctx, mod: nn.Module, x: Masked) -> Any:
@@ -375,7 +424,7 @@ def apply_module(ctx: Ctx, mod: nn.Module, x: Masked) -> Any:
 
 def _batch_norm_act(ctx: Ctx, bn: nn.Module, args: tuple, kwargs: dict) -> Masked:
     # timm's BatchNormAct2d = batch norm, then its own drop and act submodules.
-    x = masked_batch_norm(bn, args[0], ctx.cache)
+    x = masked_batch_norm(bn, args[0], ctx.cache, overwrite=0 in ctx.overwritable)
     return apply_module(ctx, bn.act, apply_module(ctx, bn.drop, x))
 
 
