@@ -29,10 +29,14 @@ def cross_validated_predictions(features: np.ndarray, labels: np.ndarray, folds:
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
 
     clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter))
     cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    with warnings.catch_warnings():
+    # One BLAS/OpenMP thread: the problem is tiny (n ≈ 500, d ≈ 512), and sklearn's/scipy's own
+    # thread pools fight torch's OpenMP threads for the cores — 10x slower on 2 cores, and the
+    # contention outlives the call (later torch work in the same process slowed 4-6x).
+    with warnings.catch_warnings(), threadpool_limits(limits=1):
         warnings.simplefilter("ignore")  # convergence chatter; the interval tells the story
         return cross_val_predict(clf, features, labels, cv=cv)
 
