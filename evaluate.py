@@ -13,6 +13,12 @@ from __future__ import annotations
 
 import os
 import sys
+
+# Before torch loads OpenMP: threads that wait for work sleep instead of spinning. On a small
+# machine shared with other jobs, spinning threads steal the cores their siblings need — the
+# probes' small kernels (mask_only's CNN) ran ~10x slower on 2 busy cores, resnet18 ~2x.
+# Set OMP_WAIT_POLICY yourself to override (see docs/probes.md, "Speed").
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from pathlib import Path
 from typing import Any
 

@@ -27,6 +27,9 @@ class MaskingMethod:
     """
 
     name: str = ""
+    #: True when a keep mask of all ones gives the model exactly the unmasked image (pixel fills),
+    #: so probes may reuse the clean logits instead of a forward pass.
+    identity_when_nothing_removed: bool = False
 
     def logits(self, model: Classifier, images: Tensor, keep: Tensor, generator: torch.Generator | None = None, inplace: bool = False) -> Tensor:
         raise NotImplementedError
@@ -38,12 +41,30 @@ class MaskingMethod:
     def features(self, model: Classifier, images: Tensor, keep: Tensor, generator: torch.Generator | None = None) -> Tensor:
         raise NotImplementedError
 
+    def features_and_logits(self, model: Classifier, images: Tensor, keep: Tensor,
+                            generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """``(features, logits)`` of the same masked input (one forward pass where the model allows)."""
+        raise NotImplementedError
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
 
 
+def _once_if_identical(fn, x: Tensor):
+    """``fn(x)``, run on one row when every row of ``x`` is the same image (a constant fill over the
+    whole image, or a constant fill on a constant donor) and broadcast: the outputs are the same
+    rows, without the cost of a full batch. Only without autograd (evaluation), never in training."""
+    if torch.is_grad_enabled() or x.shape[0] < 2 or not bool((x == x[:1]).all()):
+        return fn(x)
+    out = fn(x[:1])
+    expand = lambda t: t.expand(x.shape[0], *t.shape[1:]).contiguous()  # noqa: E731
+    return tuple(expand(t) for t in out) if isinstance(out, tuple) else expand(out)
+
+
 class FillMethod(MaskingMethod):
     """Colour-fill the removed pixels, then run the unmodified model."""
+
+    identity_when_nothing_removed = True  # fill() returns the visible pixels unchanged
 
     def __init__(self, name: str, mean: Sequence[float] = IMAGENET_MEAN) -> None:
         self.name, self.mean = name, tuple(mean)
@@ -55,10 +76,16 @@ class FillMethod(MaskingMethod):
         return self.apply(images, keep, generator)
 
     def logits(self, model, images, keep, generator=None, inplace=False):
-        return model(self.apply(images, keep, generator, inplace))
+        return _once_if_identical(model, self.apply(images, keep, generator, inplace))
 
     def features(self, model, images, keep, generator=None):
-        return model.features(self.apply(images, keep, generator))
+        return _once_if_identical(model.features, self.apply(images, keep, generator))
+
+    def features_and_logits(self, model, images, keep, generator=None):
+        x = self.apply(images, keep, generator)  # one fill: both outputs see the same input
+        if hasattr(model, "features_and_logits"):
+            return _once_if_identical(model.features_and_logits, x)
+        return _once_if_identical(model.features, x), _once_if_identical(model, x)
 
 
 class LayerMethod(MaskingMethod):
@@ -76,6 +103,9 @@ class LayerMethod(MaskingMethod):
     def features(self, model, images, keep, generator=None):
         keep = as_dense(keep)
         return model.layer_masked("features")(model.normalize(images * keep), keep)
+
+    def features_and_logits(self, model, images, keep, generator=None):
+        return self.features(model, images, keep, generator), self.logits(model, images, keep, generator)
 
 
 METHOD_NAMES: tuple[str, ...] = tuple(FILLS) + ("layer",)

@@ -53,6 +53,12 @@ class Classifier(nn.Module):
         """Pooled pre-logit features ``(B, D)``."""
         return self.backbone.forward_head(self.backbone.forward_features(self.normalize(images)), pre_logits=True)
 
+    def features_and_logits(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """``(features (B, D), logits (B, K))`` from one pass of the backbone: the head runs
+        twice on the same feature map, so each equals what ``features`` / ``forward`` return."""
+        maps = self.backbone.forward_features(self.normalize(images))
+        return self.backbone.forward_head(maps, pre_logits=True), self.backbone.forward_head(maps)
+
     def layer_masked(self, output: str = "logits") -> nn.Module:
         """The backbone converted to layer masking, called as ``m(normalised_x, keep)``.
 

@@ -308,3 +308,52 @@ def test_layer_method_when_available(shape_model, test_set):
     rep = run(model, test_set, probes=("shape_only", "missingness_curve"), methods=("layer",))
     e = rep["probes"]["shape_only"]["layer"]
     assert e["n"] == len(test_set) and e["fill_contrast"]["value"] is None
+
+
+# --- speed paths must not change what is measured --------------------------------------
+
+
+def test_mask_only_is_trained_once_per_data(test_set):
+    """mask_only never looks at the model: a second model on the same data reuses the fit."""
+    from masktrain.probes import mask_only
+
+    ds_train = ShapesDataset("train", length=200, image_size=SIZE, num_classes=K, seed=1)
+
+    class DM:
+        name, mean, num_classes = "shapes", MEAN, K
+
+        def dataset(self, split):
+            return {"train": ds_train, "test": test_set}[split]
+
+    opts = {"mask_only": {"kinds": ["silhouette"], "train_size": 200, "epochs": 1}}
+    first = evaluate(Constant(), DM(), ["mask_only"], ["black"], batch_size=128, n_boot=50, options=opts)
+    cached = len(mask_only._PREDICTIONS)
+    torch.manual_seed(1)
+    second = evaluate(TinyCNN().eval(), DM(), ["mask_only"], ["black"], batch_size=128, n_boot=50, options=opts)
+    assert len(mask_only._PREDICTIONS) == cached  # no second fit
+    assert second["probes"]["mask_only"]["silhouette"]["value"] == first["probes"]["mask_only"]["silhouette"]["value"]
+    other = evaluate(Constant(), DM(), ["mask_only"], ["black"], batch_size=128, n_boot=50,
+                     options={"mask_only": {**opts["mask_only"], "epochs": 2}})
+    assert len(mask_only._PREDICTIONS) == cached + 1  # different options: a new fit
+    assert other["probes"]["mask_only"]["silhouette"]["n"] == len(test_set)
+
+
+def test_linear_probe_reads_the_inputs_shape_only_scores(test_set):
+    """Features reused from shape_only's pass equal a separate pass (noise fill: same seeds too)."""
+    torch.manual_seed(7)
+    model = TinyCNN().eval()
+    alone = run(model, test_set, probes=("linear_probe",), methods=("noise",))["probes"]["linear_probe"]["noise"]
+    shared = run(model, test_set, probes=("shape_only", "linear_probe"), methods=("noise",))["probes"]["linear_probe"]["noise"]
+    assert alone["value"] == shared["value"] and alone["k"] == shared["k"]
+
+
+def test_identical_rows_run_once():
+    """A whole-image constant fill gives identical inputs; running one row gives the same logits."""
+    torch.manual_seed(3)
+    model = TinyCNN().eval()
+    images = torch.rand(6, 3, SIZE, SIZE)
+    keep = torch.zeros(6, 1, SIZE, SIZE)
+    with torch.inference_mode():
+        once = get_method("black", MEAN).logits(model, images, keep)
+    full = model(torch.zeros(6, 3, SIZE, SIZE)).detach()
+    torch.testing.assert_close(once, full)

@@ -41,6 +41,7 @@ class ProbeContext:
     dataset_indices: Tensor | None = None  # (N,) index of each row in `dataset`
     train_dataset: Any = None      # a train split, for probes that fit something (mask_only)
     cache: dict[str, Any] = field(default_factory=dict)
+    probes: tuple[str, ...] = ()   # the probes of this evaluation (a probe may keep inputs another reuses)
 
     @property
     def size(self) -> tuple[int, int]:

@@ -11,7 +11,7 @@ import torch
 
 from masktrain.probes.base import Probe, ProbeContext, accuracy_entry, register_probe
 from masktrain.probes.shape_only import options as shape_options
-from masktrain.probes.shape_only import shape_only_inputs
+from masktrain.probes.shape_only import features_key, input_seed, shape_only_inputs
 
 DEFAULTS = {"folds": 5, "C": 1.0, "max_iter": 500, "donor": None}
 
@@ -29,10 +29,14 @@ def cross_validated_predictions(features: np.ndarray, labels: np.ndarray, folds:
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
+    from threadpoolctl import threadpool_limits
 
     clf = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=max_iter))
     cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    with warnings.catch_warnings():
+    # One BLAS/OpenMP thread: the problem is tiny (n ≈ 500, d ≈ 512), and sklearn's/scipy's own
+    # thread pools fight torch's OpenMP threads for the cores — 10x slower on 2 cores, and the
+    # contention outlives the call (later torch work in the same process slowed 4-6x).
+    with warnings.catch_warnings(), threadpool_limits(limits=1):
         warnings.simplefilter("ignore")  # convergence chatter; the interval tells the story
         return cross_val_predict(clf, features, labels, cv=cv)
 
@@ -42,14 +46,19 @@ class LinearProbe(Probe):
     name = "linear_probe"
 
     def collect(self, ctx: ProbeContext, key: str) -> dict[str, torch.Tensor]:
-        method = ctx.method(key)
         donor_name = options(ctx)["donor"]
-
+        cached = ctx.cache.pop(features_key(key, donor_name), None)  # kept by shape_only's forward pass
+        if cached is not None:
+            return {"features": cached}
+        method = ctx.method(key)
+        donors_listed = list(shape_options(ctx)["donors"])
+        # The same inputs (fill seed included) shape_only scores, whether or not it ran.
+        d = donors_listed.index(donor_name) if donor_name in donors_listed else 977
         feats = []
         with torch.inference_mode():
             for rows in ctx.batches():
                 donors, keep = shape_only_inputs(ctx, donor_name, rows)
-                g = torch.Generator(device=ctx.device).manual_seed(ctx.seed * 1000 + 977 + int(rows[0]))
+                g = torch.Generator(device=ctx.device).manual_seed(input_seed(ctx, d, False, rows))
                 feats.append(method.features(ctx.model, donors, keep, g).float().flatten(1).cpu())
         return {"features": torch.cat(feats) if feats else torch.zeros(0, 1)}
 

@@ -6,6 +6,9 @@ independent, so its report keys are mask kinds (``silhouette``, ``bbox``, ``brok
 """
 from __future__ import annotations
 
+import hashlib
+import json
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -19,6 +22,25 @@ DEFAULTS = {"kinds": ["silhouette", "bbox"], "train_size": 2000, "epochs": 6, "b
 
 def options(ctx: ProbeContext) -> dict:
     return {**DEFAULTS, **ctx.opts("mask_only")}
+
+
+# Predictions by content: the probe never looks at the model, so a study that evaluates many
+# checkpoints on the same data trains each mask classifier once (keyed by a hash of everything
+# the fit and the scoring read: masks, labels, kind, options, seed, classes, device).
+_PREDICTIONS: dict[str, Tensor] = {}
+_MAX_CACHED = 32
+
+
+def _fingerprint(*parts) -> str:
+    h = hashlib.blake2b(digest_size=20)
+    for part in parts:
+        if isinstance(part, Tensor):
+            t = part.detach().cpu().contiguous()
+            h.update(str((t.dtype, tuple(t.shape))).encode())
+            h.update(t.numpy().tobytes())
+        else:
+            h.update(json.dumps(part, sort_keys=True, default=str).encode())
+    return h.hexdigest()
 
 
 class MaskNet(nn.Module):
@@ -90,6 +112,16 @@ class MaskOnly(Probe):
         opts = options(ctx)
         objects = ctx.require_objects(self.name)
         train_obj, train_lab, source = train_split(ctx, int(opts["train_size"]))
+        ctx.cache["mask_only/source"] = source
+        fit_on = (train_obj, train_lab) if train_obj is not None else (objects, ctx.labels)
+        cache_key = _fingerprint(*fit_on, objects[ctx.shard], ctx.shard % 2, key, opts, ctx.seed, ctx.num_classes, str(ctx.device))
+        if cache_key not in _PREDICTIONS:
+            if len(_PREDICTIONS) >= _MAX_CACHED:
+                _PREDICTIONS.pop(next(iter(_PREDICTIONS)))
+            _PREDICTIONS[cache_key] = self._predict(ctx, key, opts, objects, train_obj, train_lab)
+        return {"pred": _PREDICTIONS[cache_key].clone()}
+
+    def _predict(self, ctx, key, opts, objects, train_obj, train_lab) -> Tensor:
         keep = _resize(CONTROL_HOLES[key](objects[ctx.shard]), opts["resolution"])
         if train_obj is not None:
             net = fit(train_obj, train_lab, key, ctx, opts)
@@ -105,8 +137,7 @@ class MaskOnly(Probe):
                 with torch.inference_mode():
                     if score.any():
                         pred[score] = net(ctx.to_device(keep[score])[0]).argmax(1).cpu()
-        ctx.cache["mask_only/source"] = source
-        return {"pred": pred}
+        return pred
 
     def summarise(self, ctx, key, records, rows, subset):
         labels = records["label"][rows]

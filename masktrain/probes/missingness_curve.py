@@ -44,6 +44,12 @@ class MissingnessCurve(Probe):
         for step, f in enumerate(options(ctx)["fractions"]):
             keep_all = keep_masks(ctx, float(f), step)
             entropies = []
+            if method.identity_when_nothing_removed and bool(keep_all[ctx.shard].all()):
+                # Nothing removed (fraction 0): the model sees the unmasked image, whose logits are known.
+                p = ctx.cache["clean_logits"].softmax(dim=1)
+                records[f"{step}/pred"] = ctx.cache["clean_logits"].argmax(dim=1)
+                records[f"{step}/entropy"] = -(p * p.clamp_min(1e-12).log2()).sum(dim=1)
+                continue
 
             def run(rows):
                 images, keep = ctx.to_device(ctx.images[rows], keep_all[rows])

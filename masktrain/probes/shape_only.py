@@ -38,25 +38,48 @@ def shape_only_inputs(ctx: ProbeContext, donor_name: str, rows: torch.Tensor, co
     return donors, silhouette_keep(obj)
 
 
+def input_seed(ctx: ProbeContext, donor_index: int, control: bool, rows: torch.Tensor) -> int:
+    """Seed of the fill's generator for a batch of shape-only inputs (``linear_probe`` uses the same,
+    so its features are of exactly the inputs ``shape_only`` scores)."""
+    return ctx.seed * 1000 + 31 * donor_index + int(control) + int(rows[0])
+
+
+def features_key(method: str, donor_name: str) -> str:
+    """Cache key of the pooled features of the (non-control) shape-only inputs ``linear_probe`` reads."""
+    return f"shape_only/features/{method}/{donor_name}"
+
+
 @register_probe
 class ShapeOnly(Probe):
     name = "shape_only"
 
     def collect(self, ctx: ProbeContext, key: str) -> dict[str, torch.Tensor]:
+        from masktrain.probes.linear_probe import options as linear_options
+
         method = ctx.method(key)
         records: dict[str, torch.Tensor] = {}
+        # The linear probe reads pooled features of one donor's inputs: take them from the same
+        # forward pass that gives the logits here instead of running the model again.
+        later = "linear_probe" in ctx.probes and ctx.probes.index("linear_probe") > ctx.probes.index(self.name)
+        keep_features = linear_options(ctx)["donor"] if later else None
         for d, name in enumerate(options(ctx)["donors"]):
             for control in (False, True):
                 contrast: list[torch.Tensor] = []
                 pixel: list[torch.Tensor] = []
+                features: list[torch.Tensor] = []
+                with_features = not control and name == keep_features
 
-                def run(rows, control=control):
+                def run(rows, control=control, with_features=with_features):
                     donors, keep = shape_only_inputs(ctx, name, rows, control)
-                    g = torch.Generator(device=ctx.device).manual_seed(ctx.seed * 1000 + 31 * d + int(control) + int(rows[0]))
+                    g = torch.Generator(device=ctx.device).manual_seed(input_seed(ctx, d, control, rows))
                     if not control:
                         c, p = fill_contrast(method, donors, keep, torch.Generator(device=ctx.device).manual_seed(int(rows[0])))
                         contrast.append(c)
                         pixel.append(p)
+                    if with_features:
+                        feats, logits = method.features_and_logits(ctx.model, donors, keep, g)
+                        features.append(feats.float().flatten(1).cpu())
+                        return logits
                     return method.logits(ctx.model, donors, keep, g)
 
                 suffix = "control" if control else "pred"
@@ -64,6 +87,8 @@ class ShapeOnly(Probe):
                 if not control:
                     records[f"{name}/contrast"] = torch.cat(contrast) if contrast else torch.zeros(0)
                     records[f"{name}/pixel_diff"] = torch.cat(pixel) if pixel else torch.zeros(0)
+                if with_features:
+                    ctx.cache[features_key(key, name)] = torch.cat(features) if features else torch.zeros(0, 1)
         records["partner_label"] = ctx.labels[partners(ctx)[ctx.shard]]
         return records
 
