@@ -53,8 +53,8 @@ def _compile_kernel() -> Optional[Callable]:
         import numba
 
         @numba.njit(cache=True, nogil=True, boundscheck=False)
-        def kernel(images, boxes, colour):  # pragma: no cover - compiled
-            B, C, H, W = images.shape
+        def kernel(flat, B, C, H, W, boxes, colour):  # pragma: no cover - compiled
+            # Flat offsets, one contiguous run per (channel, row): no per-row array views.
             for b in range(B):
                 for k in range(boxes.shape[1]):
                     top, left, h, w = boxes[b, k, 0], boxes[b, k, 1], boxes[b, k, 2], boxes[b, k, 3]
@@ -64,8 +64,10 @@ def _compile_kernel() -> Optional[Callable]:
                         continue
                     for c in range(C):
                         v = colour[b, c]
+                        plane = (b * C + c) * H * W
                         for y in range(y0, y1):
-                            images[b, c, y, x0:x1] = v
+                            row = plane + y * W
+                            flat[row + x0:row + x1] = v
 
         _KERNEL = kernel
     except Exception as exc:  # noqa: BLE001 - any import/compile problem means: use the dense path
@@ -101,7 +103,8 @@ def erase_(images: Tensor, boxes: Tensor, colour: Tensor) -> Tensor:
     if boxes.shape[1] == 0:
         return images
     if _can_use_kernel(images):
-        _KERNEL(images.numpy(), boxes.to(torch.int64).contiguous().numpy(), colour.contiguous().numpy())
+        _KERNEL(images.view(-1).numpy(), B, C, images.shape[2], images.shape[3],
+                boxes.to(torch.int64).contiguous().numpy(), colour.contiguous().numpy())
         return images
     keep = boxes_to_keep(boxes.to(images.device), tuple(images.shape[-2:]), torch.bool)
     return torch.where(keep, images, colour[..., None, None], out=images)
