@@ -131,7 +131,8 @@ def rectangles(
     Each sample gets ``count`` rectangles (uniform integer in the range), each covering
     ``area`` of the image (uniform fraction) with a log-uniform aspect ratio h/w. A
     rectangle that would not fit keeps its area and changes its aspect to fit, so the
-    requested area is what is removed (up to rounding and overlaps).
+    requested area is what is removed (up to rounding and overlaps). Parameters ``count``,
+    ``area``, ``aspect``: see :func:`rectangle_boxes`, which draws the boxes.
 
     Returns: keep ``(B, 1, H, W)``.
     """
