@@ -105,6 +105,9 @@ def erase_(images: Tensor, boxes: Tensor, colour: Tensor) -> Tensor:
     if _can_use_kernel(images):
         _KERNEL(images.view(-1).numpy(), B, C, images.shape[2], images.shape[3],
                 boxes.to(torch.int64).contiguous().numpy(), colour.contiguous().numpy())
+        # The write bypassed torch: tell autograd, so a graph that saved ``images`` raises as
+        # it would after any in-place op instead of silently using the erased values.
+        torch.autograd.graph.increment_version(images)
         return images
     keep = boxes_to_keep(boxes.to(images.device), tuple(images.shape[-2:]), torch.bool)
     return torch.where(keep, images, colour[..., None, None], out=images)

@@ -91,3 +91,12 @@ def test_fill_with_box_keep_equals_dense_keep(method, inplace):
         assert out is source
     else:
         assert torch.equal(source, images)  # the input batch is left alone
+
+
+def test_erase_in_place_is_seen_by_autograd():
+    weight = torch.ones(3, requires_grad=True)
+    images = torch.rand(2, 3, 8, 8)
+    out = (images * weight[:, None, None]).sum()  # saves images for the weight's gradient
+    erase_(images, torch.tensor([[[0, 0, 4, 4]], [[2, 2, 3, 3]]]), torch.zeros(3))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.backward()
