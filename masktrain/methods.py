@@ -50,11 +50,12 @@ class MaskingMethod:
         return f"{type(self).__name__}({self.name!r})"
 
 
-def _once_if_identical(fn, x: Tensor):
+def _once_if_identical(model: torch.nn.Module, fn, x: Tensor):
     """``fn(x)``, run on one row when every row of ``x`` is the same image (a constant fill over the
     whole image, or a constant fill on a constant donor) and broadcast: the outputs are the same
-    rows, without the cost of a full batch. Only without autograd (evaluation), never in training."""
-    if torch.is_grad_enabled() or x.shape[0] < 2 or not bool((x == x[:1]).all()):
+    rows, without the cost of a full batch. Only in evaluation (no autograd, ``model`` in eval mode:
+    a train-mode batch norm would make rows depend on the batch)."""
+    if torch.is_grad_enabled() or model.training or x.shape[0] < 2 or not bool((x == x[:1]).all()):
         return fn(x)
     out = fn(x[:1])
     expand = lambda t: t.expand(x.shape[0], *t.shape[1:]).contiguous()  # noqa: E731
@@ -76,16 +77,16 @@ class FillMethod(MaskingMethod):
         return self.apply(images, keep, generator)
 
     def logits(self, model, images, keep, generator=None, inplace=False):
-        return _once_if_identical(model, self.apply(images, keep, generator, inplace))
+        return _once_if_identical(model, model, self.apply(images, keep, generator, inplace))
 
     def features(self, model, images, keep, generator=None):
-        return _once_if_identical(model.features, self.apply(images, keep, generator))
+        return _once_if_identical(model, model.features, self.apply(images, keep, generator))
 
     def features_and_logits(self, model, images, keep, generator=None):
         x = self.apply(images, keep, generator)  # one fill: both outputs see the same input
         if hasattr(model, "features_and_logits"):
-            return _once_if_identical(model.features_and_logits, x)
-        return _once_if_identical(model.features, x), _once_if_identical(model, x)
+            return _once_if_identical(model, model.features_and_logits, x)
+        return _once_if_identical(model, model.features, x), _once_if_identical(model, model, x)
 
 
 class LayerMethod(MaskingMethod):
