@@ -9,21 +9,26 @@ pixel of the batch (plus the mask), while random erasing changes about a fifth o
 timm's ``RandomErasing`` writes only the erased pixels, from a per-image Python loop; a
 dense batched fill cannot beat it on a CPU, whatever the loop overhead, because memory
 traffic is the cost. On CPU this module therefore runs a small compiled loop (numba)
-that writes exactly the erased pixels for the whole batch in one call. On other devices,
+that writes exactly the erased pixels for the whole batch in one call, with streaming
+stores when the batch is larger than the cache (see :mod:`masktrain.erase_kernels`). On other devices,
 or where numba is missing, it falls back to the dense fill, which gives the same result.
 """
 from __future__ import annotations
 
+import functools
+import glob
+import platform
 import warnings
-from typing import Callable, Optional
+from types import ModuleType
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from masktrain.errors import check
 
-_KERNEL: Optional[Callable] = None
-_KERNEL_FAILED = False
+_KERNELS: Optional[ModuleType] = None  # masktrain.erase_kernels once imported
+_KERNELS_FAILED = False
 
 
 def boxes_to_keep(boxes: Tensor, size: tuple[int, int], dtype: torch.dtype = torch.float32) -> Tensor:
@@ -44,36 +49,44 @@ def boxes_to_keep(boxes: Tensor, size: tuple[int, int], dtype: torch.dtype = tor
     return (~removed).to(dtype)
 
 
-def _compile_kernel() -> Optional[Callable]:
-    """The numba loop, compiled once per process (cached on disk); None if numba is unavailable."""
-    global _KERNEL, _KERNEL_FAILED
-    if _KERNEL is not None or _KERNEL_FAILED:
-        return _KERNEL
+def _kernels() -> Optional[ModuleType]:
+    """The numba kernels, imported once per process (compiled code is cached on disk); None if unavailable."""
+    global _KERNELS, _KERNELS_FAILED
+    if _KERNELS is not None or _KERNELS_FAILED:
+        return _KERNELS
     try:
-        import numba
+        from masktrain import erase_kernels
 
-        @numba.njit(cache=True, nogil=True, boundscheck=False)
-        def kernel(flat, B, C, H, W, boxes, colour):  # pragma: no cover - compiled
-            # Flat offsets, one contiguous run per (channel, row): no per-row array views.
-            for b in range(B):
-                for k in range(boxes.shape[1]):
-                    top, left, h, w = boxes[b, k, 0], boxes[b, k, 1], boxes[b, k, 2], boxes[b, k, 3]
-                    y0, y1 = max(top, 0), min(top + h, H)
-                    x0, x1 = max(left, 0), min(left + w, W)
-                    if y1 <= y0 or x1 <= x0:
-                        continue
-                    for c in range(C):
-                        v = colour[b, c]
-                        plane = (b * C + c) * H * W
-                        for y in range(y0, y1):
-                            row = plane + y * W
-                            flat[row + x0:row + x1] = v
-
-        _KERNEL = kernel
+        _KERNELS = erase_kernels
     except Exception as exc:  # noqa: BLE001 - any import/compile problem means: use the dense path
-        _KERNEL_FAILED = True
+        _KERNELS_FAILED = True
         warnings.warn(f"masktrain.erase: numba unavailable ({exc}); using the dense fill", RuntimeWarning, stacklevel=3)
-    return _KERNEL
+    return _KERNELS
+
+
+@functools.lru_cache(maxsize=1)
+def last_level_cache_bytes() -> int:
+    """Size of the largest CPU cache (Linux sysfs); 32 MiB where it cannot be read."""
+    units = {"K": 2**10, "M": 2**20, "G": 2**30}
+    sizes = []
+    for path in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        try:
+            text = open(path).read().strip().upper()  # e.g. "32768K"
+            sizes.append(int(text.rstrip("KMG")) * units.get(text[-1:], 1))
+        except (OSError, ValueError):
+            continue
+    return max(sizes, default=32 * 2**20)
+
+
+def _streaming_supported() -> bool:
+    # The streaming kernel fences with x86's sfence, and it was measured only there.
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
+def _streaming(images: Tensor) -> bool:
+    # glibc's memset switches to non-temporal stores at 3/4 of the shared cache: a batch that
+    # large is not kept in cache for the model anyway.
+    return _streaming_supported() and images.nbytes >= 0.75 * last_level_cache_bytes()
 
 
 def _can_use_kernel(images: Tensor) -> bool:
@@ -82,7 +95,7 @@ def _can_use_kernel(images: Tensor) -> bool:
         and images.dtype in (torch.float32, torch.float64)
         and images.is_contiguous()
         and not images.requires_grad
-        and _compile_kernel() is not None
+        and _kernels() is not None
     )
 
 
@@ -103,8 +116,9 @@ def erase_(images: Tensor, boxes: Tensor, colour: Tensor) -> Tensor:
     if boxes.shape[1] == 0:
         return images
     if _can_use_kernel(images):
-        _KERNEL(images.view(-1).numpy(), B, C, images.shape[2], images.shape[3],
-                boxes.to(torch.int64).contiguous().numpy(), colour.contiguous().numpy())
+        kernel = _KERNELS.erase_rows_streaming if _streaming(images) else _KERNELS.erase_rows
+        kernel(images.view(-1).numpy(), B, C, images.shape[2], images.shape[3],
+               boxes.to(torch.int64).contiguous().numpy(), colour.contiguous().numpy())
         # The write bypassed torch: tell autograd, so a graph that saved ``images`` raises as
         # it would after any in-place op instead of silently using the erased values.
         torch.autograd.graph.increment_version(images)

@@ -100,3 +100,40 @@ def test_erase_in_place_is_seen_by_autograd():
     erase_(images, torch.tensor([[[0, 0, 4, 4]], [[2, 2, 3, 3]]]), torch.zeros(3))
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("offset", [0, 1, 3, 7])
+def test_streaming_kernel_equals_plain_kernel(dtype, offset):
+    """Streaming stores cover whole aligned lines only: any start alignment and run length must give the same batch."""
+    kernels = pytest.importorskip("masktrain.erase_kernels")
+    if not erase._streaming_supported():
+        pytest.skip("streaming stores are used on x86-64 only")
+    g = step_generator(8, 0, offset)
+    B, H, W = 12, 41, 133
+    n = B * 3 * H * W
+    storage = torch.rand(n + 16, generator=g, dtype=dtype)
+    batch = storage[offset:offset + n]  # start at any element, not only on a cache line
+    boxes = rectangle_boxes(B, (H, W), g, count=(0, 3), area=(0.0005, 0.9), aspect=(0.05, 20.0))
+    boxes[0, 0] = torch.tensor([-3, -7, 60, 200])  # the whole image, clipped
+    colour = torch.rand(B, 3, generator=g, dtype=dtype)
+    plain = batch.clone()
+    kernels.erase_rows(plain.numpy(), B, 3, H, W, boxes.numpy(), colour.numpy())
+    streamed = storage.clone()
+    kernels.erase_rows_streaming(streamed[offset:offset + n].numpy(), B, 3, H, W, boxes.numpy(), colour.numpy())
+    assert torch.equal(streamed[offset:offset + n], plain)
+    assert torch.equal(streamed[:offset], storage[:offset]) and torch.equal(streamed[offset + n:], storage[offset + n:])
+
+
+def test_erase_streams_only_batches_larger_than_the_cache(monkeypatch):
+    assert erase.last_level_cache_bytes() > 0
+    small, large = torch.zeros(2, 3, 8, 8), torch.zeros(64, 3, 64, 64)
+    monkeypatch.setattr(erase, "last_level_cache_bytes", lambda: 64 * 2**10)
+    assert not erase._streaming(small)
+    assert erase._streaming(large) == erase._streaming_supported()
+    # through erase_: the streaming path gives the dense result
+    g = step_generator(9, 0, 0)
+    images = torch.rand(64, 3, 64, 64, generator=g)
+    boxes = rectangle_boxes(64, (64, 64), g, **PARAMS)
+    colour = torch.rand(64, 3, generator=g)
+    assert torch.equal(erase_(images.clone(), boxes, colour), _dense_erase(images, boxes, colour))

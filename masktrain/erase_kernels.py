@@ -1,0 +1,109 @@
+"""Compiled (numba) loops behind :func:`masktrain.erase.erase_` on CPU.
+
+Imported lazily by :mod:`masktrain.erase`, which falls back to a dense torch fill when
+this module cannot be imported or compiled. Both kernels write, for each box, channel
+and row, one contiguous run of the flat ``(B * C * H * W,)`` batch and nothing else.
+
+``erase_rows_streaming`` (x86-64 only) writes the whole 64-byte cache lines of each run with
+non-temporal (streaming) stores. A normal store first reads the line it writes into
+the cache (read-for-ownership); when the batch is larger than the last-level cache those
+lines come from memory and leave again, so an erase moves every written byte twice.
+Streaming stores skip that read; measured here (1 thread, 224², batch 128) they halve
+the erase time. When the batch fits in the cache a normal store is cheap and keeps the
+erased lines cached for the model that reads them next, which is why the caller chooses
+the kernel by batch size (as glibc's ``memset`` does).
+"""
+from __future__ import annotations
+
+import numba
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+LINE_BYTES = 64
+
+
+@intrinsic
+def _stream_line(typingctx, flat, index, value):
+    """Store ``value`` to the 64 bytes at ``flat[index:]`` (64-byte aligned) with a non-temporal hint."""
+    sig = types.void(flat, index, value)
+
+    def codegen(context, builder, signature, args):
+        array, i, v = args
+        data = context.make_array(signature.args[0])(context, builder, array).data
+        lanes = LINE_BYTES // context.get_abi_sizeof(v.type)
+        vector_type = ir.VectorType(v.type, lanes)
+        vector = ir.Constant(vector_type, ir.Undefined)
+        for lane in range(lanes):
+            vector = builder.insert_element(vector, v, ir.Constant(ir.IntType(32), lane))
+        target = builder.bitcast(builder.gep(data, [i]), vector_type.as_pointer())
+        store = builder.store(vector, target, align=LINE_BYTES)
+        store.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def _store_fence(typingctx):
+    """x86 ``sfence``: streaming stores are weakly ordered, so fence them before returning (x86-64 only)."""
+    sig = types.void()
+
+    def codegen(context, builder, signature, args):
+        sfence = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), []), "llvm.x86.sse.sfence")
+        builder.call(sfence, [])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def _clipped(box, H, W):  # pragma: no cover - compiled
+    top, left, h, w = box[0], box[1], box[2], box[3]
+    return max(top, 0), min(top + h, H), max(left, 0), min(left + w, W)
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def erase_rows(flat, B, C, H, W, boxes, colour):  # pragma: no cover - compiled
+    """``flat``: the contiguous batch as ``(B*C*H*W,)``; ``boxes`` ``(B, K, 4)`` int64; ``colour`` ``(B, C)``."""
+    for b in range(B):
+        for k in range(boxes.shape[1]):
+            y0, y1, x0, x1 = _clipped(boxes[b, k], H, W)
+            if y1 <= y0 or x1 <= x0:
+                continue
+            for c in range(C):
+                v = colour[b, c]
+                plane = (b * C + c) * H * W
+                for y in range(y0, y1):
+                    row = plane + y * W
+                    flat[row + x0:row + x1] = v
+
+
+@numba.njit(cache=True, nogil=True, boundscheck=False)
+def erase_rows_streaming(flat, B, C, H, W, boxes, colour):  # pragma: no cover - compiled
+    """As :func:`erase_rows`; whole cache lines inside a run are written with streaming stores."""
+    lanes = LINE_BYTES // flat.itemsize
+    address = flat.ctypes.data
+    for b in range(B):
+        for k in range(boxes.shape[1]):
+            y0, y1, x0, x1 = _clipped(boxes[b, k], H, W)
+            if y1 <= y0 or x1 <= x0:
+                continue
+            for c in range(C):
+                v = colour[b, c]
+                plane = (b * C + c) * H * W
+                for y in range(y0, y1):
+                    start, stop = plane + y * W + x0, plane + y * W + x1
+                    # First element on a line boundary; partial lines at either end use normal stores.
+                    offset = ((address + start * flat.itemsize) % LINE_BYTES) // flat.itemsize
+                    line = start if offset == 0 else start + lanes - offset
+                    if line + lanes > stop:
+                        flat[start:stop] = v
+                        continue
+                    flat[start:line] = v
+                    while line + lanes <= stop:
+                        _stream_line(flat, line, v)
+                        line += lanes
+                    flat[line:stop] = v
+    _store_fence()
