@@ -79,7 +79,7 @@ def last_level_cache_bytes() -> int:
 
 
 def _streaming_supported() -> bool:
-    # The streaming kernel fences with x86's sfence, and it was measured only there.
+    # Measured only on x86-64, so only used there.
     return platform.machine().lower() in ("x86_64", "amd64")
 
 
@@ -116,9 +116,8 @@ def erase_(images: Tensor, boxes: Tensor, colour: Tensor) -> Tensor:
     if boxes.shape[1] == 0:
         return images
     if _can_use_kernel(images):
-        kernel = _KERNELS.erase_rows_streaming if _streaming(images) else _KERNELS.erase_rows
-        kernel(images.view(-1).numpy(), B, C, images.shape[2], images.shape[3],
-               boxes.to(torch.int64).contiguous().numpy(), colour.contiguous().numpy())
+        _KERNELS.erase_rows(images.view(-1).numpy(), B, C, images.shape[2], images.shape[3],
+                            boxes.to(torch.int64).contiguous().numpy(), colour.contiguous().numpy(), _streaming(images))
         # The write bypassed torch: tell autograd, so a graph that saved ``images`` raises as
         # it would after any in-place op instead of silently using the erased values.
         torch.autograd.graph.increment_version(images)

@@ -120,7 +120,7 @@ def test_streaming_kernel_equals_plain_kernel(dtype, offset):
     plain = batch.clone()
     kernels.erase_rows(plain.numpy(), B, 3, H, W, boxes.numpy(), colour.numpy())
     streamed = storage.clone()
-    kernels.erase_rows_streaming(streamed[offset:offset + n].numpy(), B, 3, H, W, boxes.numpy(), colour.numpy())
+    kernels.erase_rows(streamed[offset:offset + n].numpy(), B, 3, H, W, boxes.numpy(), colour.numpy(), True)
     assert torch.equal(streamed[offset:offset + n], plain)
     assert torch.equal(streamed[:offset], storage[:offset]) and torch.equal(streamed[offset + n:], storage[offset + n:])
 
