@@ -58,10 +58,15 @@ def _kernels() -> Optional[ModuleType]:
         from masktrain import erase_kernels
 
         _KERNELS = erase_kernels
-    except Exception as exc:  # noqa: BLE001 - any import/compile problem means: use the dense path
-        _KERNELS_FAILED = True
-        warnings.warn(f"masktrain.erase: numba unavailable ({exc}); using the dense fill", RuntimeWarning, stacklevel=3)
+    except Exception as exc:  # noqa: BLE001 - any import problem means: use the dense path
+        _disable_kernels(exc)
     return _KERNELS
+
+
+def _disable_kernels(exc: Exception) -> None:
+    global _KERNELS, _KERNELS_FAILED
+    _KERNELS, _KERNELS_FAILED = None, True
+    warnings.warn(f"masktrain.erase: numba kernel unavailable ({exc}); using the dense fill", RuntimeWarning, stacklevel=4)
 
 
 @functools.lru_cache(maxsize=1)
@@ -116,8 +121,14 @@ def erase_(images: Tensor, boxes: Tensor, colour: Tensor) -> Tensor:
     if boxes.shape[1] == 0:
         return images
     if _can_use_kernel(images):
-        _KERNELS.erase_rows(images.view(-1).numpy(), B, C, images.shape[2], images.shape[3],
-                            boxes.to(torch.int64).contiguous().numpy(), colour.contiguous().numpy(), _streaming(images))
+        try:
+            _KERNELS.erase_rows(images.view(-1).numpy(), B, C, images.shape[2], images.shape[3],
+                                boxes.to(torch.int64).contiguous().numpy(), colour.contiguous().numpy(), _streaming(images))
+        except _KERNELS.NumbaError as exc:
+            # numba compiles on first call: a numba/llvmlite that cannot build the kernel fails
+            # here, before anything is written. The dense fill gives the same result.
+            _disable_kernels(exc)
+            return erase_(images, boxes, colour)
         # The write bypassed torch: tell autograd, so a graph that saved ``images`` raises as
         # it would after any in-place op instead of silently using the erased values.
         torch.autograd.graph.increment_version(images)

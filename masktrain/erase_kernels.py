@@ -21,7 +21,10 @@ import numba
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
+from numba.core.errors import NumbaError
 from numba.extending import intrinsic
+
+__all__ = ["NumbaError", "erase_rows"]
 
 LINE_BYTES = 64
 X86 = platform.machine().lower() in ("x86_64", "amd64")

@@ -137,3 +137,22 @@ def test_erase_streams_only_batches_larger_than_the_cache(monkeypatch):
     boxes = rectangle_boxes(64, (64, 64), g, **PARAMS)
     colour = torch.rand(64, 3, generator=g)
     assert torch.equal(erase_(images.clone(), boxes, colour), _dense_erase(images, boxes, colour))
+
+
+def test_erase_falls_back_to_the_dense_fill_when_the_kernel_cannot_compile(monkeypatch):
+    kernels = pytest.importorskip("masktrain.erase_kernels")
+
+    def broken(*args):
+        raise kernels.NumbaError("cannot lower")
+
+    monkeypatch.setattr(kernels, "erase_rows", broken)
+    monkeypatch.setattr(erase, "_KERNELS", kernels)
+    monkeypatch.setattr(erase, "_KERNELS_FAILED", False)
+    g = step_generator(10, 0, 0)
+    images = torch.rand(8, 3, 16, 16, generator=g)
+    boxes = rectangle_boxes(8, (16, 16), g, **PARAMS)
+    colour = torch.rand(8, 3, generator=g)
+    with pytest.warns(RuntimeWarning, match="cannot lower"):
+        out = erase_(images.clone(), boxes, colour)
+    assert torch.equal(out, _dense_erase(images, boxes, colour))
+    assert not erase._can_use_kernel(images)  # from now on the dense path, without another warning
