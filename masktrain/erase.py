@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import glob
-import platform
 import warnings
 from types import ModuleType
 from typing import Optional
@@ -85,7 +84,7 @@ def last_level_cache_bytes() -> int:
 
 def _streaming_supported() -> bool:
     # Measured only on x86-64, so only used there.
-    return platform.machine().lower() in ("x86_64", "amd64")
+    return _kernels() is not None and _KERNELS.X86
 
 
 def _streaming(images: Tensor) -> bool:

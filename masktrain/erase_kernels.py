@@ -24,7 +24,7 @@ from numba.core import cgutils
 from numba.core.errors import NumbaError
 from numba.extending import intrinsic
 
-__all__ = ["NumbaError", "erase_rows"]
+__all__ = ["NumbaError", "X86", "erase_rows"]
 
 LINE_BYTES = 64
 X86 = platform.machine().lower() in ("x86_64", "amd64")
