@@ -1,35 +1,62 @@
 """Random keep masks, made in batches on the device from a seeded generator.
 
 Every generator returns a keep mask ``(B, 1, H, W)`` float in {0, 1}, 1 = visible.
-Generators are plain functions registered by name in :data:`MASK_GENERATORS`;
-:class:`RandomKeepMask` wraps one with a masking probability ``p``.
+Each mask kind is one :class:`MaskKind` in the registry :data:`MASK_KINDS`: its generator,
+its box form if it has one, and whether it needs object masks. :class:`RandomKeepMask`
+wraps one with a masking probability ``p``. Adding a kind::
+
+    @register_mask("stripes", needs_object_masks=False)
+    def stripes(batch_size, size, generator, device="cpu", *, object_masks=None, **params) -> Tensor:
+        ...   # keep (B, 1, H, W); draw through masktrain.rng.rand(generator, shape, device)
+
+Random draws go through :func:`masktrain.rng.rand`, so a generator may be a ``torch.Generator``
+(training) or a per-sample :class:`masktrain.rng.SampleRandom` (probes).
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Sequence
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from masktrain.erase import boxes_to_keep
+from masktrain import rng
 from masktrain.errors import UserError, check, check_range
+from masktrain.registry import Registry
 
 MaskGenerator = Callable[..., Tensor]
-MASK_GENERATORS: dict[str, MaskGenerator] = {}
 
 
-def register_mask(name: str) -> Callable[[MaskGenerator], MaskGenerator]:
+@dataclass(frozen=True)
+class MaskKind:
+    """One mask kind: ``generate(batch_size, size, generator, device, **params) -> keep (B, 1, H, W)``;
+    ``boxes`` (same signature, same draws) returns its removed rectangles ``(B, K, 4)`` when it has
+    a box form; ``needs_object_masks``: ``generate`` reads ``object_masks=(B, 1, H, W)``."""
+
+    name: str
+    generate: MaskGenerator
+    boxes: Optional[Callable[..., Tensor]] = None
+    needs_object_masks: bool = False
+
+
+MASK_KINDS: Registry[MaskKind] = Registry("mask kind", "mask.kind")
+
+
+def register_mask(name: str, boxes: Optional[Callable[..., Tensor]] = None,
+                  needs_object_masks: bool = False) -> Callable[[MaskGenerator], MaskGenerator]:
+    """Register a keep-mask generator as mask kind ``name`` (see the module docstring)."""
     def decorate(fn: MaskGenerator) -> MaskGenerator:
-        MASK_GENERATORS[name] = fn
+        MASK_KINDS.register(name, MaskKind(name, fn, boxes, needs_object_masks))
         return fn
 
     return decorate
 
 
-def _uniform(shape: Sequence[int], lo: float, hi: float, generator: torch.Generator, device) -> Tensor:
-    return torch.rand(*shape, generator=generator, device=device) * (hi - lo) + lo
+def _uniform(shape: Sequence[int], lo: float, hi: float, generator, device) -> Tensor:
+    return rng.rand(generator, shape, device=device) * (hi - lo) + lo
 
 
 def _pair(value, name: str) -> tuple[float, float]:
@@ -103,7 +130,7 @@ def rectangle_boxes(
     if cmax == 0:
         return torch.zeros(batch_size, 0, 4, dtype=torch.int64, device=device)
     shape = (batch_size, cmax)
-    n = torch.randint(cmin, cmax + 1, (batch_size, 1), generator=generator, device=device)
+    n = rng.randint(generator, cmin, cmax + 1, (batch_size, 1), device=device)
     target = _uniform(shape, amin, amax, generator, device) * (H * W)
     log_r = _uniform(shape, math.log(rmin), math.log(rmax), generator, device)
     ratio = torch.exp(log_r)
@@ -111,14 +138,14 @@ def rectangle_boxes(
     w = (target / h).clamp(1, W)
     h = (target / w).clamp(1, H)
     h, w = h.round(), w.round()
-    top = torch.floor(torch.rand(shape, generator=generator, device=device) * (H - h + 1))
-    left = torch.floor(torch.rand(shape, generator=generator, device=device) * (W - w + 1))
+    top = torch.floor(rng.rand(generator, shape, device=device) * (H - h + 1))
+    left = torch.floor(rng.rand(generator, shape, device=device) * (W - w + 1))
     active = torch.arange(cmax, device=device)[None, :] < n  # (B, cmax)
     boxes = torch.stack([top, left, h, w], dim=-1).to(torch.int64)
     return boxes * active[..., None]
 
 
-@register_mask("rectangles")
+@register_mask("rectangles", boxes=rectangle_boxes)
 def rectangles(
     batch_size: int,
     size: tuple[int, int],
@@ -137,10 +164,6 @@ def rectangles(
     Returns: keep ``(B, 1, H, W)``.
     """
     return boxes_to_keep(rectangle_boxes(batch_size, size, generator, device, **params), tuple(size))
-
-
-# Generators that can also return their masks as boxes (same draws, same masks).
-BOX_GENERATORS: dict[str, Callable[..., Tensor]] = {"rectangles": rectangle_boxes}
 
 
 @register_mask("patches")
@@ -168,7 +191,7 @@ def patches(
     cells = gh * gw
     f = _uniform((batch_size, 1), fmin, fmax, generator, device)
     k = torch.round(f * cells)
-    rank = torch.rand(batch_size, cells, generator=generator, device=device).argsort(dim=1).argsort(dim=1)
+    rank = rng.rand(generator, (batch_size, cells), device=device).argsort(dim=1).argsort(dim=1)
     keep_cells = (rank >= k).float().view(batch_size, 1, gh, gw)
     keep = keep_cells.repeat_interleave(s, dim=2).repeat_interleave(s, dim=3)
     return keep[:, :, :H, :W].contiguous()
@@ -195,7 +218,7 @@ def blobs(
     amin, amax = _pair(area, "area")
     check_range("mask.area", (amin, amax), 0.0, 1.0, lo_open=True)
     check(int(scale) >= 2, f"mask.scale={scale!r} must be an integer >= 2")
-    low = torch.rand(batch_size, 1, int(scale), int(scale), generator=generator, device=device)
+    low = rng.rand(generator, (batch_size, 1, int(scale), int(scale)), device=device)
     field = F.interpolate(low, size=(H, W), mode="bicubic", align_corners=False)
     a = _uniform((batch_size,), amin, amax, generator, device)
     # The field is smooth, so its quantile on a strided subsample (<= 64² points) is the
@@ -208,7 +231,7 @@ def blobs(
     return (~removed).float().view(batch_size, 1, H, W)
 
 
-@register_mask("silhouettes")
+@register_mask("silhouettes", needs_object_masks=True)
 def silhouettes(
     batch_size: int,
     size: tuple[int, int],
@@ -244,9 +267,7 @@ def make_keep_masks(
     **params,
 ) -> Tensor:
     """Dispatch to a registered generator by name. Returns keep ``(B, 1, H, W)``."""
-    if kind not in MASK_GENERATORS:
-        raise UserError(f"mask.kind={kind!r} is unknown; choose one of {sorted(MASK_GENERATORS)}")
-    return MASK_GENERATORS[kind](batch_size, tuple(size), generator, device, **params)
+    return MASK_KINDS.get(kind).generate(batch_size, tuple(size), generator, device, **params)
 
 
 class RandomKeepMask:
@@ -257,12 +278,11 @@ class RandomKeepMask:
 
     def __init__(self, kind: str = "rectangles", p: float = 0.5, **params) -> None:
         check_range("mask.p", p, 0.0, 1.0)
-        if kind not in MASK_GENERATORS:
-            raise UserError(f"mask.kind={kind!r} is unknown; choose one of {sorted(MASK_GENERATORS)}")
+        self.spec = MASK_KINDS.get(kind)
         self.kind, self.p, self.params = kind, float(p), dict(params)
         # Validate parameters once, at construction, so bad values fail before training starts.
         g = torch.Generator().manual_seed(0)
-        dummy = torch.zeros(2, 1, 8, 8) if kind == "silhouettes" else None
+        dummy = torch.zeros(2, 1, 8, 8) if self.spec.needs_object_masks else None
         make_keep_masks(kind, 2, (8, 8), g, "cpu", object_masks=dummy, **self.params)
 
     def __call__(
@@ -277,8 +297,8 @@ class RandomKeepMask:
         """Returns keep ``(B, 1, H, W)``; with ``lazy=True`` a :class:`BoxKeep` where the kind
         has a box form (the same masks from the same draws), so a colour fill can erase the
         boxes without building the dense mask."""
-        if lazy and self.kind in BOX_GENERATORS:
-            boxes = BOX_GENERATORS[self.kind](batch_size, tuple(size), generator, device, **self.params)
+        if lazy and self.spec.boxes is not None:
+            boxes = self.spec.boxes(batch_size, tuple(size), generator, device, **self.params)
             if self.p < 1.0:
                 chosen = torch.rand(batch_size, 1, 1, 1, generator=generator, device=device) < self.p
                 boxes = boxes * chosen.view(batch_size, 1, 1)

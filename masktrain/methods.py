@@ -4,18 +4,24 @@ A method turns ``(classifier, images, keep)`` into logits (or pooled features). 
 methods fill removed pixels in pixel space and run the plain model; ``layer`` runs the
 layer-masked model on ``(normalised images, keep)``. Callers take the method name as a
 parameter and never special-case one.
+
+Methods are chosen by name from :data:`METHODS`: every fill (:data:`masktrain.fills.FILLS`,
+also one registered later) is a :class:`FillMethod`; other methods register a factory
+``factory(name, mean) -> MaskingMethod``::
+
+    METHODS.register("mine", lambda name, mean: MyMethod())
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from masktrain.errors import UserError
 from masktrain.fills import FILLS, IMAGENET_MEAN, fill
 from masktrain.masks import as_dense
 from masktrain.models import Classifier
+from masktrain.registry import Registry
 
 
 class MaskingMethod:
@@ -109,13 +115,12 @@ class LayerMethod(MaskingMethod):
         return self.features(model, images, keep, generator), self.logits(model, images, keep, generator)
 
 
-METHOD_NAMES: tuple[str, ...] = tuple(FILLS) + ("layer",)
+MethodFactory = Callable[[str, Sequence[float]], MaskingMethod]
+METHODS: Registry[MethodFactory] = Registry("masking method", "methods / mask.method")
+METHODS.register("layer", lambda name, mean: LayerMethod())
+METHODS.include(FILLS, lambda name, spec: FillMethod)
 
 
 def get_method(name: str, mean: Sequence[float] = IMAGENET_MEAN) -> MaskingMethod:
     """A masking method by name; ``mean`` is the dataset mean colour used by ``grey``."""
-    if name == "layer":
-        return LayerMethod()
-    if name in FILLS:
-        return FillMethod(name, mean)
-    raise UserError(f"masking method {name!r} is unknown; choose one of {list(METHOD_NAMES)}")
+    return METHODS.get(name)(str(name), mean)

@@ -23,6 +23,7 @@ from masktrain.checkpoint import read_checkpoint
 from masktrain.errors import UserError, check
 from masktrain.lit_module import MaskTrainModule
 from masktrain.masks import RandomKeepMask
+from masktrain.io_utils import atomic_write
 from masktrain.methods import get_method
 
 log = logging.getLogger(__name__)
@@ -171,7 +172,5 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
     for results in trainer.test(module, datamodule=datamodule, verbose=False):
         metrics.update({k: float(v) for k, v in results.items() if k.startswith("test/")})
     if trainer.is_global_zero:
-        tmp = run_dir / ".metrics.json.tmp"
-        tmp.write_text(json.dumps(metrics, indent=2))
-        tmp.replace(run_dir / "metrics.json")
+        atomic_write(run_dir / "metrics.json", json.dumps(metrics, indent=2))
     return metrics

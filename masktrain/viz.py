@@ -8,16 +8,13 @@ import torch
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
+from masktrain.io_utils import atomic_write
+
 
 def save_grid(images: Tensor, path: str | os.PathLike, nrow: int = 8) -> Path:
     """Save ``images`` ``(N, C, H, W)`` in [0, 1] (C = 1 or 3) as one PNG grid; returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     grid = make_grid(images.clamp(0, 1), nrow=nrow, padding=2, pad_value=1.0)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    save_image(grid, tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: save_image(grid, tmp, format="png"))
 
 
 def sample_grid(dataset, path: str | os.PathLike, count: int = 32, nrow: int = 8) -> Path:

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from masktrain.errors import UserError
-from masktrain.masks import MASK_GENERATORS, RandomKeepMask, make_keep_masks, validate_keep
+from masktrain.masks import MASK_KINDS, RandomKeepMask, make_keep_masks, validate_keep
 from masktrain.rng import step_generator
 
 SIZE = (64, 64)
@@ -11,7 +11,7 @@ SIZE = (64, 64)
 def _masks(kind, n=512, seed=0, rank=0, step=0, **params):
     g = step_generator(seed, rank, step)
     objects = None
-    if kind == "silhouettes":
+    if MASK_KINDS.get(kind).needs_object_masks:
         objects = torch.zeros(n, 1, *SIZE)
         for i in range(n):  # distinct object per sample: a square whose side encodes i
             s = 4 + i % 40
@@ -20,14 +20,14 @@ def _masks(kind, n=512, seed=0, rank=0, step=0, **params):
     return make_keep_masks(kind, n, SIZE, g, "cpu", **params), objects
 
 
-@pytest.mark.parametrize("kind", sorted(MASK_GENERATORS))
+@pytest.mark.parametrize("kind", sorted(MASK_KINDS))
 def test_keep_masks_are_binary_float_and_shaped(kind):
     keep, _ = _masks(kind, n=16)
     assert keep.shape == (16, 1, *SIZE) and keep.dtype == torch.float32
     assert bool(((keep == 0) | (keep == 1)).all())
 
 
-@pytest.mark.parametrize("kind", sorted(MASK_GENERATORS))
+@pytest.mark.parametrize("kind", sorted(MASK_KINDS))
 def test_same_seed_same_masks_other_rank_or_step_differs(kind):
     a, _ = _masks(kind, n=8, seed=3, rank=0, step=5)
     b, _ = _masks(kind, n=8, seed=3, rank=0, step=5)
