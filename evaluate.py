@@ -30,14 +30,34 @@ from masktrain.cli import preflight, remove_run_dir, removed_on_user_error
 from masktrain.errors import UserError, check, exit_on_user_error
 
 
+def store_probe_defaults() -> None:
+    """Each probe's option defaults as the config group ``probe_defaults`` (recipes/evaluate.yaml
+    composes it into ``probe_options``): the defaults live once, in the probe's ``Options``."""
+    from hydra.core.config_store import ConfigStore
+
+    from masktrain.probes import PROBES
+
+    ConfigStore.instance().store(name="probe_defaults",
+                                 node={"probe_options": {name: probe.default_options() for name, probe in PROBES.items()}})
+
+
+def _probe_names(cfg: DictConfig) -> list[str]:
+    """``probes=...``, or every registered probe when it is null."""
+    from masktrain.probes import PROBES
+
+    return PROBES.names() if cfg.probes is None else [str(p) for p in cfg.probes]
+
+
 def validate_config(cfg: DictConfig) -> None:
     """Cheap checks before any output directory exists: names, paths, ranges."""
+    from masktrain.evaluation import check_options
     from masktrain.methods import get_method
     from masktrain.probes import get_probe
 
-    check(len(cfg.probes) > 0, "probes=[] is empty")
-    for name in cfg.probes:
+    check(len(_probe_names(cfg)) > 0, "probes=[] is empty")
+    for name in _probe_names(cfg):
         get_probe(str(name))
+    check_options(OmegaConf.to_container(cfg.probe_options, resolve=True) or {})
     for name in cfg.methods:
         get_method(str(name))
     if cfg.study:
@@ -139,7 +159,7 @@ def run_study_mode(cfg: DictConfig, out_dir: Path) -> None:
         return OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(saved), OmegaConf.from_dotlist(data_dotlist)))
 
     try:
-        run_study(str(cfg.study), probes=list(cfg.probes), methods=methods, n_images=cfg.n_images, device=cfg.device,
+        run_study(str(cfg.study), probes=_probe_names(cfg), methods=methods, n_images=cfg.n_images, device=cfg.device,
                   options=OmegaConf.to_container(cfg.probe_options, resolve=True),
                   data_overrides=data_overrides if data_dotlist else None, log=print)
     finally:
@@ -166,7 +186,7 @@ def main(cfg: DictConfig) -> None:
         _init_distributed()
         model, datamodule, source = build_model_and_data(cfg)
         options = OmegaConf.to_container(cfg.probe_options, resolve=True)
-        report = evaluate(model, datamodule, list(cfg.probes), list(cfg.methods), split=str(cfg.split),
+        report = evaluate(model, datamodule, _probe_names(cfg), list(cfg.methods), split=str(cfg.split),
                           n_images=cfg.n_images, batch_size=int(cfg.batch_size), seed=int(cfg.seed), device=cfg.device,
                           options=options, n_boot=int(cfg.n_boot), log=print)
         report["model"]["source"] = {k: v for k, v in source.items() if k != "run_config"}
@@ -185,6 +205,8 @@ def main(cfg: DictConfig) -> None:
     for flag in report["flags"]:
         print(f"warning: {flag}")
 
+
+store_probe_defaults()  # before Hydra composes recipes/evaluate.yaml (here and in preflight)
 
 if __name__ == "__main__":
     preflight("evaluate", sys.argv[1:], validate_config)

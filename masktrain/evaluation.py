@@ -23,7 +23,6 @@ from masktrain.fills import IMAGENET_MEAN
 from masktrain.methods import get_method
 from masktrain.probes import PROBES, ProbeContext, get_probe
 
-DEFAULT_PROBES = ("object_removal", "shape_only", "linear_probe", "mask_only", "missingness_curve")
 DEFAULT_METHODS = ("black", "grey", "noise", "blur")
 SUBSETS = ("all", "correct")
 
@@ -97,6 +96,13 @@ def load_split(ds: Dataset, indices: Sequence[int], batch_size: int) -> tuple[Te
     return img, torch.tensor(labels, dtype=torch.long), torch.stack(objects) if has_objects and objects else None
 
 
+def check_options(options: dict[str, Any]) -> None:
+    """Every ``probe_options.<probe>`` names a registered probe and only its options (one-line UserErrors)."""
+    for name, raw in options.items():
+        check(raw is None or isinstance(raw, dict), f"probe_options.{name} must be a mapping of options, got {raw!r}")
+        get_probe(str(name)).parse_options(raw)
+
+
 def _device(device: str | torch.device | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -106,7 +112,7 @@ def _device(device: str | torch.device | None) -> torch.device:
 def evaluate(
     model: nn.Module,
     data: Any,
-    probes: Sequence[str] = DEFAULT_PROBES,
+    probes: Sequence[str] | None = None,
     methods: Sequence[str] = DEFAULT_METHODS,
     *,
     split: str = "test",
@@ -121,22 +127,28 @@ def evaluate(
     class_names: Sequence[str] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> dict:
-    """Run ``probes`` × ``methods`` on ``model`` and return the report dict (schema: docs/probes.md).
+    """Run ``probes`` (default: every registered probe) × ``methods`` on ``model`` and return the
+    report dict (schema: docs/probes.md). ``options``: ``{probe: {option: value}}`` over each probe's defaults.
 
     model: pixel-space classifier, ``images (B, 3, H, W) in [0, 1] -> logits (B, K)``, with
-    ``.features(images) -> (B, D)`` for ``linear_probe``. data: a MaskDataModule (split
-    ``split``; its train split feeds ``mask_only``) or a dataset of ``(image, label, object_mask)``.
+    ``.features(images) -> (B, D)`` for probes that read features. data: a MaskDataModule (split
+    ``split``; its train split feeds probes with ``needs_train_split``) or a dataset of
+    ``(image, label, object_mask)``.
     """
     log = log or (lambda msg: None)
     started = time.perf_counter()
-    probes, methods = list(probes), list(methods)
-    check(len(probes) > 0, "probes=[] is empty; choose from " + str(list(PROBES)))
+    probes = PROBES.names() if probes is None else list(probes)
+    methods = list(methods)
+    check(len(probes) > 0, "probes=[] is empty; choose from " + str(PROBES.names()))
     probe_objs = [get_probe(p) for p in probes]
     check(len(methods) > 0 or all(p.key_kind != "method" for p in probe_objs), "methods=[] is empty")
     for m in methods:
         get_method(m)  # unknown names fail here, before any work
+    options = dict(options or {})
+    check_options(options)
     need_objects = [p.name for p in probe_objs if p.needs_object_masks]
-    ds, train_ds, mean, k, ds_name = _resolve_data(data, split, "mask_only" in probes, mean, num_classes)
+    need_train = any(p.needs_train_split for p in probe_objs)
+    ds, train_ds, mean, k, ds_name = _resolve_data(data, split, need_train, mean, num_classes)
     total = len(ds)
     check(total > 0, f"the {split} split is empty")
     n = total if not n_images else min(int(n_images), total)
@@ -145,7 +157,7 @@ def evaluate(
     images, labels, objects = load_split(ds, indices.tolist(), batch_size)
     if objects is None and need_objects:
         raise UserError(f"dataset {ds_name!r} has no object masks, which probes {need_objects} need; "
-                        f"use a dataset with segmentations or probes=[missingness_curve]")
+                        f"use a dataset with segmentations or probes={[p for p in PROBES if not get_probe(p).needs_object_masks]}")
     check(int(labels.max()) < k and int(labels.min()) >= 0, f"dataset labels reach {int(labels.max())} but num_classes={k}")
     names = list(class_names or getattr(ds, "classes", None) or [str(c) for c in range(k)])
     dev = _device(device)
@@ -156,14 +168,11 @@ def evaluate(
     rank, world = _world()
     ctx = ProbeContext(model=model, images=images, labels=labels, objects=objects, num_classes=k, class_names=names,
                        mean=tuple(float(x) for x in mean), device=dev, shard=indices[rank::world], batch_size=int(batch_size),
-                       seed=int(seed), n_boot=int(n_boot), options=dict(options or {}), dataset=ds, dataset_indices=indices,
-                       train_dataset=train_ds, probes=tuple(probes))
+                       seed=int(seed), n_boot=int(n_boot), options=options, dataset=ds, dataset_indices=indices,
+                       train_dataset=train_ds)
     log(f"evaluating {n} {split} images of {ds_name} ({k} classes) on {dev}, rank {rank}/{world}")
 
-    with torch.inference_mode():
-        clean_logits = [model(images[rows].to(dev)).float().cpu() for rows in ctx.batches()]
-    clean_logits = torch.cat(clean_logits) if clean_logits else torch.zeros(0, k)
-    ctx.cache["clean_logits"] = clean_logits  # (len(shard), K): reused where a probe input is the unmasked image
+    clean_logits = ctx.shared.clean_logits()  # (len(shard), K); probes reuse it where their input is the unmasked image
     if clean_logits.shape[1] != k:
         raise UserError(f"the model outputs {clean_logits.shape[1]} classes but the dataset has {k}; "
                         f"evaluate on the data the model was trained for")
@@ -173,11 +182,14 @@ def evaluate(
     clean = {s: stats.proportion(base["clean_pred"][r] == base["label"][r], base["label"][r], k, None, names, s)
              for s, r in subsets.items()}
 
+    keys = {probe.name: probe.keys(ctx, methods) for probe in probe_objs}
+    for probe in probe_objs:
+        probe.prepare(ctx, keys[probe.name])  # declare shared inputs before any probe computes them
     report_probes: dict[str, dict] = {}
     timings: dict[str, float] = {}
     for probe in probe_objs:
         report_probes[probe.name] = {}
-        for key in probe.keys(ctx, methods):
+        for key in keys[probe.name]:
             t0 = time.perf_counter()
             records = gather_records(probe.collect(ctx, key), ctx.shard, n)
             records.update(base)
@@ -202,7 +214,7 @@ def evaluate(
         "clean_accuracy": clean,
         "flags": flags,
         "config": {"probes": probes, "methods": methods, "split": split, "n_images": n, "batch_size": batch_size,
-                   "seed": seed, "n_boot": n_boot, "options": dict(options or {}), "world_size": world},
+                   "seed": seed, "n_boot": n_boot, "options": options, "world_size": world},
         "timing": {"total_s": round(time.perf_counter() - started, 3), "per_probe_s": timings, "device": str(dev)},
     }
 

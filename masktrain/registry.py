@@ -50,6 +50,11 @@ class Registry(Generic[T]):
         self._items[name] = obj
         return obj
 
+    def remove(self, name: str) -> None:
+        """Forget ``name`` (e.g. a plugin registered by a test)."""
+        self.get(name)
+        self._items.pop(str(name), None)
+
     def include(self, other: "Registry", adapt: Callable[[str, object], T]) -> None:
         """Also offer every name of ``other`` (looked up live), turned into an entry by ``adapt(name, obj)``."""
         self._included.append((other, adapt))

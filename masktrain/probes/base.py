@@ -1,7 +1,20 @@
-"""The probe interface, the context every probe reads, and the registry by name."""
+"""The probe interface, the context every probe reads, and the registry by name.
+
+A probe is one file: a :class:`Probe` subclass registered with :func:`register_probe`. It
+owns its options (a dataclass ``Options`` with the defaults), its requirements
+(``needs_object_masks``, ``needs_train_split``; shared inputs through ``ctx.shared``), its
+numbers (``collect`` / ``summarise``) and how they are shown: ``headline`` wording, its rows
+in report.md (``report_rows``), its plots (``plots``), its W&B media, and its cells, tables
+and panels in a study (``study_cell``, ``study_markdown``, ``study_panels``). The
+evaluation, report and study code only iterate over probe objects. See docs/probes.md,
+"Writing a probe".
+"""
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -10,7 +23,8 @@ from torch import Tensor, nn
 
 from masktrain.errors import UserError
 from masktrain.methods import MaskingMethod, get_method
-from masktrain.rng import step_generator
+from masktrain.registry import Registry
+from masktrain.rng import SampleRandom, sample_random
 
 
 @dataclass
@@ -40,22 +54,38 @@ class ProbeContext:
     dataset: Any = None            # the evaluation dataset (donors may need it, e.g. backgrounds)
     dataset_indices: Tensor | None = None  # (N,) index of each row in `dataset`
     train_dataset: Any = None      # a train split, for probes that fit something (mask_only)
+    #: Scratch space of one evaluation for a probe's own memos; keys start with the probe's name.
+    #: Inputs several probes read come from ``shared`` instead.
     cache: dict[str, Any] = field(default_factory=dict)
-    probes: tuple[str, ...] = ()   # the probes of this evaluation (a probe may keep inputs another reuses)
+    _parsed: dict[str, Any] = field(default_factory=dict, repr=False)
+    _shared: Any = field(default=None, repr=False)
 
     @property
     def size(self) -> tuple[int, int]:
         return int(self.images.shape[-2]), int(self.images.shape[-1])
 
+    @property
+    def shared(self):
+        """The memoised provider of inputs several probes read (:class:`masktrain.probes.shared.SharedInputs`)."""
+        if self._shared is None:
+            from masktrain.probes.shared import SharedInputs
+
+            self._shared = SharedInputs(self)
+        return self._shared
+
     def method(self, name: str) -> MaskingMethod:
         return get_method(name, self.mean)
 
-    def opts(self, probe: str) -> dict[str, Any]:
-        return dict(self.options.get(probe, {}) or {})
+    def opts(self, probe: str) -> Any:
+        """Probe ``probe``'s options: its ``Options`` dataclass, defaults overridden by ``probe_options.<probe>``."""
+        if probe not in self._parsed:
+            self._parsed[probe] = get_probe(probe).parse_options(self.options.get(probe))
+        return self._parsed[probe]
 
-    def generator(self, stream: int, step: int = 0) -> torch.Generator:
-        """A CPU generator for global draws: identical on every rank, so shards agree."""
-        return step_generator(self.seed, 0, step, "cpu", stream)
+    def random(self, probe: str, key: str, rows: Tensor, device: torch.device | str | None = None) -> SampleRandom:
+        """Per-sample randomness for global ``rows`` ``(b,)``, seeded from (seed, probe, key, row):
+        the same numbers for a row whatever the batch size or the number of ranks."""
+        return sample_random(self.seed, probe, key, rows, self.device if device is None else device)
 
     def batches(self) -> list[Tensor]:
         """This rank's rows in batches: a list of global row indices ``(b,)``."""
@@ -70,17 +100,63 @@ class ProbeContext:
         return self.objects
 
 
+@dataclass
+class NoOptions:
+    """A probe without options."""
+
+
+#: A panel of study.png: ``draw(ax)`` on one matplotlib axis.
+Panel = Callable[[Any], None]
+
+
 class Probe:
-    """Base class. ``keys`` are the columns of the probe's report (masking methods by default)."""
+    """Base class of every probe; subclasses set the class attributes and override what they need."""
 
     name: str = ""
+    #: The probe's options with their defaults (a dataclass); ``probe_options.<name>`` overrides them.
+    Options: type = NoOptions
     needs_object_masks: bool = True
+    needs_train_split: bool = False
     #: What a report key names: "method" or e.g. "mask" (mask_only).
     key_kind: str = "method"
+
+    # --- presentation ---------------------------------------------------------------
+    #: What the entry's headline ``value`` is, in report.md and on the leakage plot's axis.
+    headline: str = "value"
+    #: The wording in study.md (default: ``headline``).
+    study_headline: str = ""
+    #: study.md shows the headline as a percentage (False: as a plain number, e.g. an AUC).
+    percent: bool = True
+    #: The reference line the headline is read against: "chance" (the entry's chance level) or "zero" (differences).
+    reference: str = "chance"
+    #: Whether the probe gets a panel in the summary plot leakage.png.
+    summary_panel: bool = True
+    #: Extra per-run numbers (keys of :meth:`study_cell`) aggregated over seeds in a study.
+    study_spreads: tuple[str, ...] = ()
+
+    # --- options and requirements -----------------------------------------------------
+    def parse_options(self, raw: dict | None) -> Any:
+        """The ``Options`` from a config mapping; an unknown key is a one-line UserError."""
+        raw = dict(raw or {})
+        valid = [f.name for f in dataclasses.fields(self.Options)]
+        unknown = [k for k in raw if k not in valid]
+        if unknown:
+            raise UserError(f"probe_options.{self.name}.{unknown[0]}: probe {self.name!r} has no option {unknown[0]!r}; "
+                            f"valid options: {valid}")
+        return self.Options(**raw)
+
+    def default_options(self) -> dict:
+        """The defaults as a plain dict (the config schema evaluate.py composes)."""
+        return dataclasses.asdict(self.Options())
 
     def keys(self, ctx: ProbeContext, methods: Sequence[str]) -> list[str]:
         return list(methods)
 
+    def prepare(self, ctx: ProbeContext, keys: Sequence[str]) -> None:
+        """Called for every probe before any ``collect``: declare the shared inputs it will read
+        (e.g. ``ctx.shared.want_features(...)``), so whichever probe computes them first computes them once."""
+
+    # --- numbers ------------------------------------------------------------------------
     def collect(self, ctx: ProbeContext, key: str) -> dict[str, Tensor]:
         """Per-sample records for ``ctx.shard``: each value ``(len(shard), ...)`` on the CPU."""
         raise NotImplementedError
@@ -89,19 +165,109 @@ class Probe:
         """A report entry from gathered records restricted to ``rows`` (a bool mask over all N samples)."""
         raise NotImplementedError
 
+    def verdict(self, entry: dict, p_value: float, alpha: float) -> dict:
+        """The decision for one entry: is the dependence significant, and which way does it go.
 
-PROBES: dict[str, Probe] = {}
+        The one place a probe's yes/no comes from: ``significant`` = ``p_value < alpha``; then
+        ``toward`` (interval above the entry's chance: predicts the silhouette's class), ``away``
+        (below: reads the shape and avoids its class) or ``other`` (depends on it otherwise)."""
+        significant = bool(p_value < alpha)
+        lo, hi = entry["ci95"]
+        if not significant:
+            direction = "none"
+        elif lo > entry["chance"]:
+            direction = "toward"
+        elif hi < entry["chance"]:
+            direction = "away"
+        else:
+            direction = "other"
+        return {"significant": significant, "direction": direction, "alpha": alpha}
+
+    # --- report.md, plots, W&B -------------------------------------------------------------
+    def report_rows(self, cols: dict[str, dict]) -> list[str]:
+        """The probe's table in report.md (markdown lines); ``cols`` = ``{key: entry}``, each with ``correct``."""
+        kind = next(iter(cols.values()), {}).get("key_kind", self.key_kind)
+        lines = [f"| {kind} | subset | value | 95% CI | chance | n |", "|---|---|---|---|---|---|"]
+        for key, entry in cols.items():
+            for e in (entry, entry["correct"]):
+                lines.append(f"| {key} | {e['subset']} | {fmt_num(e['value'])} | {fmt_ci(e['ci95'])} | {fmt_num(e.get('chance'))} | {e['n']} |")
+        return lines
+
+    def summary_columns(self, entry: dict) -> dict[str, Any]:
+        """Extra columns of the probe's rows in the summary table (W&B), beyond value/CI/n/chance."""
+        return {}
+
+    def plots(self, report: dict, cols: dict[str, dict], directory: Path) -> list[str]:
+        """Write the probe's own plots into ``directory``; returns the file names written."""
+        return []
+
+    def wandb_media(self, report: dict, cols: dict[str, dict], files: dict[str, Path]) -> dict[str, Any]:
+        """Extra W&B payload (e.g. ``wandb.Image``s) beside the tables and the plot files."""
+        return {}
+
+    # --- study ------------------------------------------------------------------------------
+    def study_cell(self, entry: dict) -> dict[str, Any]:
+        """The numbers a study keeps from one run's report entry."""
+        correct = entry.get("correct") or {}
+        return {"value": entry.get("value"), "ci95": entry.get("ci95"), "n": entry.get("n"), "chance": entry.get("chance"),
+                "correct": {"value": correct.get("value"), "ci95": correct.get("ci95"), "n": correct.get("n")},
+                "flags": list(entry.get("flags") or [])}
+
+    def study_markdown(self, study: dict, cells: dict[str, dict[str, dict]]) -> list[str]:
+        """The probe's section of study.md; ``cells`` = ``{regime: {key: aggregated cell}}``."""
+        keys = study_keys(study, cells)
+        if not keys:
+            return []
+        chance = study_chance(cells)
+        unit = " (%, mean ± sd over seeds)" if self.percent else " (mean ± sd over seeds)"
+        note = f"; chance {100 * chance:.1f}%" if chance and self.reference == "chance" else ""
+        lines = [f"## {self.name}", "", f"{self.study_headline or self.headline}{unit}{note}", ""]
+        lines += study_table(study, cells, keys, lambda c: fmt_spread(c, self.percent))
+        return lines + [""]
+
+    def study_panels(self, study: dict, cells: dict[str, dict[str, dict]]) -> list[Panel]:
+        """Panels of study.png: by default grouped bars (keys × regimes), whiskers = sd over seeds."""
+        keys = study_keys(study, cells)
+        if not keys:
+            return []
+
+        def draw(ax) -> None:
+            regimes = study["regimes"]
+            width = 0.8 / max(1, len(regimes))
+            for i, regime in enumerate(regimes):
+                by_key = cells.get(regime, {})
+                means = [by_key.get(k, {}).get("mean") or 0.0 for k in keys]
+                stds = [by_key.get(k, {}).get("std") or 0.0 for k in keys]
+                xs = [j + (i - (len(regimes) - 1) / 2) * width for j in range(len(keys))]
+                ax.bar(xs, means, width, yerr=stds, capsize=2, label=regime)
+            chance = study_chance(cells)
+            if self.reference == "chance" and chance:
+                ax.axhline(chance, color="k", linestyle="--", linewidth=1, label="chance")
+            if self.reference == "zero":
+                ax.axhline(0, color="k", linewidth=0.8)
+            ax.set_xticks(range(len(keys)))
+            ax.set_xticklabels(keys, rotation=30, ha="right")
+            ax.set_title(self.name)
+
+        return [draw]
+
+    def study_check(self, study: dict, cells: dict[str, dict[str, dict]]) -> dict | None:
+        """A check the study states before anything else (e.g. "does the baseline read shape?"):
+        ``{"title", "status", "message", ...}``, or None."""
+        return None
+
+
+PROBES: Registry[Probe] = Registry("probe", "probes")
 
 
 def register_probe(cls: type[Probe]) -> type[Probe]:
-    PROBES[cls.name] = cls()
+    """Class decorator: register one instance of ``cls`` under ``cls.name``."""
+    PROBES.register(cls.name, cls())
     return cls
 
 
 def get_probe(name: str) -> Probe:
-    if name not in PROBES:
-        raise UserError(f"probe {name!r} is unknown; choose from {list(PROBES)}")
-    return PROBES[name]
+    return PROBES.get(name)
 
 
 @torch.inference_mode()
@@ -129,3 +295,50 @@ def difference_entry(ctx: ProbeContext, a: np.ndarray, b: np.ndarray, labels: np
 
     return stats.mean_value(a.astype(np.float64) - b.astype(np.float64), labels, ctx.num_classes, 0.0,
                             ctx.class_names, subset, ctx.n_boot, seed)
+
+
+# --- formatting helpers the presentation hooks share -------------------------------------
+
+def fmt_num(v: Any, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def fmt_ci(ci) -> str:
+    if not ci:
+        return "–"
+    lo, hi = list(ci)
+    return f"[{fmt_num(lo)}, {fmt_num(hi)}]"
+
+
+def fmt_spread(cell: dict | None, pct: bool = True) -> str:
+    """``mean ± sd`` of an aggregated study cell (in % when ``pct``), "—" when empty."""
+    if not cell or cell.get("mean") is None:
+        return "—"
+    text = f"{100 * cell['mean']:.1f}" if pct else f"{cell['mean']:.3f}"
+    if cell.get("n_seeds", 0) > 1:
+        text += f" ± {100 * cell['std']:.1f}" if pct else f" ± {cell['std']:.3f}"
+    return text
+
+
+def study_keys(study: dict, cells: dict[str, dict[str, dict]]) -> list[str]:
+    """The report keys present in any regime, masking methods in the study's order first."""
+    methods = study.get("methods", [])
+    return sorted({k for by_key in cells.values() for k in by_key},
+                  key=lambda k: (methods.index(k) if k in methods else len(methods), k))
+
+
+def study_chance(cells: dict[str, dict[str, dict]]) -> float | None:
+    return next((c.get("chance") for by_key in cells.values() for c in by_key.values() if c.get("chance")), None)
+
+
+def study_table(study: dict, cells: dict[str, dict[str, dict]], keys: list[str], show: Callable[[dict], str]) -> list[str]:
+    """A markdown table: one row per regime, one column per key, ``show(cell)`` in each cell."""
+    lines = ["| regime | " + " | ".join(keys) + " |", "| --- |" + " ---: |" * len(keys)]
+    for regime in study["regimes"]:
+        by_key = cells.get(regime, {})
+        lines.append(f"| {regime} | " + " | ".join(show(by_key.get(k)) for k in keys) + " |")
+    return lines

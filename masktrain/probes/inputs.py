@@ -3,6 +3,10 @@ partners for the shuffled control, and how visible a fill is on its donor.
 
 Object masks are ``(B, 1, H, W)`` {0, 1} with 1 = object; every function here returns
 keep masks (1 = visible), per the package convention.
+
+Control holes (``objects (B, 1, H, W) -> keep (B, 1, H, W)``) and donors
+(``donor(ctx) -> (N, 3, H, W)``) are registries; add one with
+``CONTROL_HOLES.register("name", fn)`` or ``@register_donor("name")``.
 """
 from __future__ import annotations
 
@@ -14,6 +18,9 @@ from torch import Tensor
 
 from masktrain.errors import UserError
 from masktrain.probes.base import ProbeContext
+from masktrain.registry import Registry
+from masktrain import rng
+from masktrain.rng import SampleRandom
 
 
 def silhouette_keep(objects: Tensor) -> Tensor:
@@ -43,24 +50,19 @@ def broken_keep(objects: Tensor) -> Tensor:
     return silhouette_keep(torch.roll(objects, shifts=(H // 2, W // 2), dims=(2, 3)))
 
 
-CONTROL_HOLES: dict[str, Callable[[Tensor], Tensor]] = {
-    "silhouette": silhouette_keep,
-    "bbox": bbox_keep,
-    "broken": broken_keep,
-}
+CONTROL_HOLES: Registry[Callable[[Tensor], Tensor]] = Registry("control hole", "probe_options.mask_only.kinds")
+CONTROL_HOLES.register("silhouette", silhouette_keep)
+CONTROL_HOLES.register("bbox", bbox_keep)
+CONTROL_HOLES.register("broken", broken_keep)
 
 # --- donors: class-neutral content, built for all N rows once and cached -------------
 
 DonorFn = Callable[[ProbeContext], Tensor]
-DONORS: dict[str, DonorFn] = {}
+DONORS: Registry[DonorFn] = Registry("donor", "probe_options.shape_only.donors")
 
 
 def register_donor(name: str) -> Callable[[DonorFn], DonorFn]:
-    def decorate(fn: DonorFn) -> DonorFn:
-        DONORS[name] = fn
-        return fn
-
-    return decorate
+    return DONORS.register(name)
 
 
 @register_donor("grey")
@@ -73,8 +75,9 @@ def grey_donor(ctx: ProbeContext) -> Tensor:
 
 @register_donor("noise")
 def noise_donor(ctx: ProbeContext) -> Tensor:
-    """Uniform per-pixel noise (mean 0.5), one fixed draw per row."""
-    return torch.rand(ctx.images.shape, generator=ctx.generator(stream=101))
+    """Uniform per-pixel noise (mean 0.5), one fixed draw per row (seeded per row)."""
+    rows = torch.arange(ctx.images.shape[0])
+    return ctx.random("donor", "noise", rows, "cpu").rand(ctx.images.shape)
 
 
 @register_donor("background")
@@ -121,29 +124,18 @@ def check_background(images: Tensor, objects: Tensor, backgrounds: Tensor) -> No
                            f"ShapesDataset changed its draw order, update masktrain.probes.inputs.shapes_background")
 
 
-def donor(ctx: ProbeContext, name: str) -> Tensor:
-    """All N donor images ``(N, 3, H, W)`` for donor ``name`` (cached)."""
-    if name not in DONORS:
-        raise UserError(f"donor {name!r} is unknown; choose from {list(DONORS)}")
-    key = f"donor/{name}"
-    if key not in ctx.cache:
-        images = DONORS[name](ctx)
-        if name == "background":
-            check_background(ctx.images, ctx.require_objects("shape_only"), images)
-        ctx.cache[key] = images
-    return ctx.cache[key]
+def other_class_partner(labels: Tensor, random: SampleRandom, tries: int = 64) -> Tensor:
+    """For each row, a random row whose label differs: ``(N,)`` int64 (same label only if no other exists).
 
-
-def other_class_partner(labels: Tensor, generator: torch.Generator, tries: int = 64) -> Tensor:
-    """For each row, a random row whose label differs: ``(N,)`` int64 (same label only if no other exists)."""
+    ``random``: per-row randomness for the N rows (row i's partner depends on row i's key only)."""
     N = labels.shape[0]
-    cand = torch.randint(0, N, (N, tries), generator=generator)
+    cand = rng.randint(random, 0, N, (N, tries), device="cpu")
     differs = labels[cand] != labels[:, None]
     first = torch.where(differs.any(dim=1), differs.float().argmax(dim=1), torch.zeros(N, dtype=torch.long))
     return cand.gather(1, first[:, None]).squeeze(1)
 
 
-def fill_contrast(method, donors: Tensor, keep: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+def fill_contrast(method, donors: Tensor, keep: Tensor, generator) -> tuple[Tensor, Tensor]:
     """How visible the fill is on its donor, per sample, over the removed pixels.
 
     Returns ``(contrast (B,), pixel_diff (B,))``: contrast = mean over channels of

@@ -6,8 +6,10 @@ independent, so its report keys are mask kinds (``silhouette``, ``bbox``, ``brok
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -16,12 +18,16 @@ from torch import Tensor, nn
 
 from masktrain.probes.base import Probe, ProbeContext, accuracy_entry, register_probe
 from masktrain.probes.inputs import CONTROL_HOLES
+from masktrain.rng import derive_seed, name_key
 
-DEFAULTS = {"kinds": ["silhouette", "bbox"], "train_size": 2000, "epochs": 6, "batch_size": 64, "lr": 3e-3, "resolution": 32}
-
-
-def options(ctx: ProbeContext) -> dict:
-    return {**DEFAULTS, **ctx.opts("mask_only")}
+@dataclass
+class Options:
+    kinds: list = field(default_factory=lambda: ["silhouette", "bbox"])  # control holes (report keys)
+    train_size: int = 2000
+    epochs: int = 6
+    batch_size: int = 64
+    lr: float = 0.003
+    resolution: int = 32
 
 
 # Predictions by content: the probe never looks at the model, so a study that evaluates many
@@ -79,15 +85,19 @@ def train_split(ctx: ProbeContext, size: int) -> tuple[Tensor, Tensor, str]:
     return ctx.cache["mask_only/train"]
 
 
-def fit(objects: Tensor, labels: Tensor, kind: str, ctx: ProbeContext, opts: dict) -> MaskNet:
-    torch.manual_seed(ctx.seed)  # identical model on every rank
-    net = MaskNet(ctx.num_classes).to(ctx.device)
-    opt = torch.optim.AdamW(net.parameters(), lr=opts["lr"])
-    keep = _resize(CONTROL_HOLES[kind](objects), opts["resolution"])
-    g = torch.Generator().manual_seed(ctx.seed)
-    n, bs = keep.shape[0], int(opts["batch_size"])
-    steps = max(1, int(opts["epochs"]) * max(1, n // bs))
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=opts["lr"], total_steps=steps)
+def fit(objects: Tensor, labels: Tensor, kind: str, ctx: ProbeContext, opts: Options) -> MaskNet:
+    # Seeded from (seed, probe, kind) alone: the same model on every rank, whatever the batching,
+    # without touching the global RNG of the caller.
+    seed = derive_seed(ctx.seed, name_key("mask_only"), name_key(kind))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = MaskNet(ctx.num_classes).to(ctx.device)
+    opt = torch.optim.AdamW(net.parameters(), lr=opts.lr)
+    keep = _resize(CONTROL_HOLES.get(kind)(objects), opts.resolution)
+    g = torch.Generator().manual_seed(seed)
+    n, bs = keep.shape[0], int(opts.batch_size)
+    steps = max(1, int(opts.epochs) * max(1, n // bs))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=opts.lr, total_steps=steps)
     net.train()
     for _ in range(steps):
         idx = torch.randint(0, n, (bs,), generator=g)
@@ -103,18 +113,28 @@ def fit(objects: Tensor, labels: Tensor, kind: str, ctx: ProbeContext, opts: dic
 @register_probe
 class MaskOnly(Probe):
     name = "mask_only"
+    Options = Options
     key_kind = "mask"
+    needs_train_split = True
+    headline = "accuracy from the keep mask alone"
+
+    def parse_options(self, raw):
+        opts = super().parse_options(raw)
+        opts.kinds = list(opts.kinds)
+        for kind in opts.kinds:
+            CONTROL_HOLES.get(kind)
+        return opts
 
     def keys(self, ctx, methods):
-        return list(options(ctx)["kinds"])
+        return list(ctx.opts(self.name).kinds)
 
     def collect(self, ctx: ProbeContext, key: str) -> dict[str, Tensor]:
-        opts = options(ctx)
+        opts = ctx.opts(self.name)
         objects = ctx.require_objects(self.name)
-        train_obj, train_lab, source = train_split(ctx, int(opts["train_size"]))
+        train_obj, train_lab, source = train_split(ctx, int(opts.train_size))
         ctx.cache["mask_only/source"] = source
         fit_on = (train_obj, train_lab) if train_obj is not None else (objects, ctx.labels)
-        cache_key = _fingerprint(*fit_on, objects[ctx.shard], ctx.shard % 2, key, opts, ctx.seed, ctx.num_classes, str(ctx.device))
+        cache_key = _fingerprint(*fit_on, objects[ctx.shard], ctx.shard % 2, key, dataclasses.asdict(opts), ctx.seed, ctx.num_classes, str(ctx.device))
         if cache_key not in _PREDICTIONS:
             if len(_PREDICTIONS) >= _MAX_CACHED:
                 _PREDICTIONS.pop(next(iter(_PREDICTIONS)))
@@ -122,7 +142,7 @@ class MaskOnly(Probe):
         return {"pred": _PREDICTIONS[cache_key].clone()}
 
     def _predict(self, ctx, key, opts, objects, train_obj, train_lab) -> Tensor:
-        keep = _resize(CONTROL_HOLES[key](objects[ctx.shard]), opts["resolution"])
+        keep = _resize(CONTROL_HOLES.get(key)(objects[ctx.shard]), opts.resolution)
         if train_obj is not None:
             net = fit(train_obj, train_lab, key, ctx, opts)
             with torch.inference_mode():

@@ -9,97 +9,60 @@ flagged ``low_contrast``: such a probe cannot see shape, whatever the model.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 import torch
 
 from masktrain import stats
-from masktrain.probes.base import Probe, ProbeContext, accuracy_entry, difference_entry, predict, register_probe
-from masktrain.probes.inputs import donor, fill_contrast, other_class_partner, silhouette_keep
-
-DEFAULTS = {"donors": ["background", "grey", "noise"], "low_contrast_threshold": 0.05, "n_permutations": 1000, "alpha": 0.05}
+from masktrain.probes.base import (Probe, ProbeContext, accuracy_entry, difference_entry, fmt_ci, fmt_num, fmt_spread,
+                                   register_probe, study_keys, study_table)
 
 
-def options(ctx: ProbeContext) -> dict:
-    return {**DEFAULTS, **ctx.opts("shape_only")}
-
-
-def partners(ctx: ProbeContext) -> torch.Tensor:
-    """Row of the other-class silhouette used by the control, per row ``(N,)`` (same on every rank)."""
-    if "shape_only/partner" not in ctx.cache:
-        ctx.cache["shape_only/partner"] = other_class_partner(ctx.labels, ctx.generator(stream=202))
-    return ctx.cache["shape_only/partner"]
-
-
-def shape_only_inputs(ctx: ProbeContext, donor_name: str, rows: torch.Tensor, control: bool = False):
-    """Device tensors ``(donors (b,3,H,W), keep (b,1,H,W))`` for a batch of global rows."""
-    objects = ctx.require_objects("shape_only")
-    source = partners(ctx)[rows] if control else rows
-    donors, obj = ctx.to_device(donor(ctx, donor_name)[rows], objects[source])
-    return donors, silhouette_keep(obj)
-
-
-def input_seed(ctx: ProbeContext, donor_index: int, control: bool, rows: torch.Tensor) -> int:
-    """Seed of the fill's generator for a batch of shape-only inputs (``linear_probe`` uses the same,
-    so its features are of exactly the inputs ``shape_only`` scores)."""
-    return ctx.seed * 1000 + 31 * donor_index + int(control) + int(rows[0])
-
-
-def features_key(method: str, donor_name: str) -> str:
-    """Cache key of the pooled features of the (non-control) shape-only inputs ``linear_probe`` reads."""
-    return f"shape_only/features/{method}/{donor_name}"
+@dataclass
+class Options:
+    donors: list = field(default_factory=lambda: ["background", "grey", "noise"])  # the first is the headline
+    low_contrast_threshold: float = 0.05  # flag fills whose mean/std differ from the donor by less than this
+    n_permutations: int = 1000
+    alpha: float = 0.05
 
 
 @register_probe
 class ShapeOnly(Probe):
     name = "shape_only"
+    Options = Options
+    headline = "accuracy on the silhouette's class (shape-only input)"
+    study_headline = "accuracy on the silhouette's class (donor: first shape_only donor)"
+    study_spreads = ("mi_excess",)
+
+    def parse_options(self, raw):
+        opts = super().parse_options(raw)
+        from masktrain.probes.inputs import DONORS
+
+        opts.donors = list(opts.donors)
+        for name in opts.donors:
+            DONORS.get(name)
+        return opts
 
     def collect(self, ctx: ProbeContext, key: str) -> dict[str, torch.Tensor]:
-        from masktrain.probes.linear_probe import options as linear_options
-
-        method = ctx.method(key)
         records: dict[str, torch.Tensor] = {}
-        # The linear probe reads pooled features of one donor's inputs: take them from the same
-        # forward pass that gives the logits here instead of running the model again.
-        later = "linear_probe" in ctx.probes and ctx.probes.index("linear_probe") > ctx.probes.index(self.name)
-        keep_features = linear_options(ctx)["donor"] if later else None
-        for d, name in enumerate(options(ctx)["donors"]):
-            for control in (False, True):
-                contrast: list[torch.Tensor] = []
-                pixel: list[torch.Tensor] = []
-                features: list[torch.Tensor] = []
-                with_features = not control and name == keep_features
-
-                def run(rows, control=control, with_features=with_features):
-                    donors, keep = shape_only_inputs(ctx, name, rows, control)
-                    g = torch.Generator(device=ctx.device).manual_seed(input_seed(ctx, d, control, rows))
-                    if not control:
-                        c, p = fill_contrast(method, donors, keep, torch.Generator(device=ctx.device).manual_seed(int(rows[0])))
-                        contrast.append(c)
-                        pixel.append(p)
-                    if with_features:
-                        feats, logits = method.features_and_logits(ctx.model, donors, keep, g)
-                        features.append(feats.float().flatten(1).cpu())
-                        return logits
-                    return method.logits(ctx.model, donors, keep, g)
-
-                suffix = "control" if control else "pred"
-                records[f"{name}/{suffix}"] = predict(ctx, run).argmax(dim=1)
-                if not control:
-                    records[f"{name}/contrast"] = torch.cat(contrast) if contrast else torch.zeros(0)
-                    records[f"{name}/pixel_diff"] = torch.cat(pixel) if pixel else torch.zeros(0)
-                if with_features:
-                    ctx.cache[features_key(key, name)] = torch.cat(features) if features else torch.zeros(0, 1)
-        records["partner_label"] = ctx.labels[partners(ctx)[ctx.shard]]
+        for name in ctx.opts(self.name).donors:
+            out = ctx.shared.shape_only(key, name, control=False)
+            records[f"{name}/pred"] = out["logits"].argmax(dim=1)
+            records[f"{name}/contrast"] = out["contrast"]
+            records[f"{name}/pixel_diff"] = out["pixel_diff"]
+            records[f"{name}/control"] = ctx.shared.shape_only(key, name, control=True)["logits"].argmax(dim=1)
+        records["partner_label"] = ctx.labels[ctx.shared.partners()[ctx.shard]]
         return records
 
     def summarise(self, ctx, key, records, rows, subset):
-        opts = options(ctx)
+        opts = ctx.opts(self.name)
         labels = records["label"][rows]
         per_donor = {}
-        for i, name in enumerate(opts["donors"]):
+        for i, name in enumerate(opts.donors):
             per_donor[name] = self._donor_entry(ctx, key, name, records, rows, labels, subset, opts, seed=ctx.seed + i)
-        primary = dict(per_donor[opts["donors"][0]])
-        primary["donor"] = opts["donors"][0]
+        primary = dict(per_donor[opts.donors[0]])
+        primary["donor"] = opts.donors[0]
         primary["donors"] = per_donor
         primary["flags"] = [f"{flag} (donor={name})" for name, e in per_donor.items() for flag in e["flags"]]
         return primary
@@ -112,28 +75,83 @@ class ShapeOnly(Probe):
         entry["control"] = accuracy_entry(ctx, labels, ctrl, subset)
         entry["control"]["metric"] = "accuracy on the original class, silhouette from another class"
         entry["leakage"] = difference_entry(ctx, pred == labels, ctrl == labels, labels, subset, seed)
-        entry["mi"] = stats.mi_permutation_test(labels, pred, k, opts["n_permutations"], seed, n_boot=min(ctx.n_boot, 500))
-        entry["control"]["mi"] = stats.mi_permutation_test(labels, ctrl, k, opts["n_permutations"], seed + 1, n_boot=min(ctx.n_boot, 500))
-        value, (lo, hi) = entry["value"], entry["ci95"]
-        significant = entry["mi"]["p_value"] < opts["alpha"]
-        if not significant:
-            direction = "none"
-        elif lo > entry["chance"]:
-            direction = "toward"  # predicts the silhouette's class
-        elif hi < entry["chance"]:
-            direction = "away"  # reads the shape and avoids its class
-        else:
-            direction = "other"  # depends on the shape, but not via its own class
-        entry["reads_shape"] = {"significant": bool(significant), "direction": direction, "alpha": opts["alpha"]}
+        entry["mi"] = stats.mi_permutation_test(labels, pred, k, opts.n_permutations, seed, n_boot=min(ctx.n_boot, 500))
+        entry["control"]["mi"] = stats.mi_permutation_test(labels, ctrl, k, opts.n_permutations, seed + 1, n_boot=min(ctx.n_boot, 500))
+        entry["reads_shape"] = self.verdict(entry, entry["mi"]["p_value"], opts.alpha)
         contrast = records[f"{name}/contrast"][rows]
         pixel = records[f"{name}/pixel_diff"][rows]
         flags = []
         if contrast.size and np.isfinite(contrast).all():
             mean_contrast = float(contrast.mean())
-            entry["fill_contrast"] = {"value": mean_contrast, "pixel_diff": float(pixel.mean()), "threshold": opts["low_contrast_threshold"]}
-            if mean_contrast < opts["low_contrast_threshold"]:
+            entry["fill_contrast"] = {"value": mean_contrast, "pixel_diff": float(pixel.mean()), "threshold": opts.low_contrast_threshold}
+            if mean_contrast < opts.low_contrast_threshold:
                 flags.append(f"low_contrast: the {key} fill is nearly invisible on this donor (contrast {mean_contrast:.3f}); this probe cannot see shape")
         else:
             entry["fill_contrast"] = {"value": None, "pixel_diff": None, "note": "method has no pixel fill"}
         entry["flags"] = flags
         return entry
+
+    # --- presentation -----------------------------------------------------------------
+    def report_rows(self, cols):
+        kind = next(iter(cols.values()), {}).get("key_kind", self.key_kind)
+        lines = [f"| {kind} | donor | subset | accuracy | 95% CI | control | MI (bits) | MI p | reads shape | contrast | n |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for key, entry in cols.items():
+            for e in (entry, entry["correct"]):
+                for donor, d in e["donors"].items():
+                    lines.append(f"| {key} | {donor} | {d['subset']} | {fmt_num(d['value'])} | {fmt_ci(d['ci95'])} | "
+                                 f"{fmt_num(d['control']['value'])} | {fmt_num(d['mi']['value'])} | {fmt_num(d['mi']['p_value'])} | "
+                                 f"{d['reads_shape']['direction']} | {fmt_num(d['fill_contrast']['value'])} | {d['n']} |")
+        return lines
+
+    def summary_columns(self, entry):
+        mi = entry.get("mi", {})
+        return {"mi_bits": mi.get("value"), "mi_p": mi.get("p_value"), "control": entry.get("control", {}).get("value"),
+                "reads_shape": entry.get("reads_shape", {}).get("direction")}
+
+    def study_cell(self, entry):
+        cell = super().study_cell(entry)
+        mi = entry.get("mi") or {}
+        if mi:
+            cell["mi_excess"] = mi.get("excess")
+            cell["mi_p_value"] = mi.get("p_value")
+        if entry.get("reads_shape"):
+            cell["reads_shape"] = entry["reads_shape"]
+        return cell
+
+    def study_markdown(self, study, cells):
+        lines = super().study_markdown(study, cells)
+        if not lines:
+            return lines
+        keys = study_keys(study, cells)
+        lines += ["Mutual information between silhouette class and prediction, excess over the shuffled "
+                  "null (bits, mean ± sd) — two-sided: it also catches a model that avoids the shape's class:", ""]
+        lines += study_table(study, cells, keys, lambda c: fmt_spread((c or {}).get("mi_excess"), pct=False))
+        return lines + [""]
+
+    def study_check(self, study, cells):
+        """Does the baseline read shape? Its shape-only accuracy must be clearly above chance
+        (the lower end of the 95% interval above chance) in every seed, for some fill."""
+        title = "Does the baseline read shape?"
+        base = cells.get("baseline", {})
+        if not base:
+            return {"title": title, "status": "unknown",
+                    "message": "no baseline runs with the shape_only probe in this study: nothing shows the models "
+                               "can read shape, so 'no leakage' would mean nothing"}
+        per_method = {}
+        for method, cell in base.items():
+            chance = cell.get("chance") or 0.0
+            above = [s["ci95"] is not None and s["ci95"][0] > chance for s in cell["seeds"].values()]
+            per_method[method] = {"mean": cell["mean"], "chance": chance, "seeds_above_chance": sum(above), "n_seeds": len(above)}
+        reading = [m for m, v in per_method.items() if v["n_seeds"] and v["seeds_above_chance"] == v["n_seeds"]]
+        if reading:
+            best = max(reading, key=lambda m: per_method[m]["mean"])
+            v = per_method[best]
+            message = (f"yes: the baseline reads shape — shape-only accuracy with the {best} fill is {v['mean']:.1%} "
+                       f"against chance {v['chance']:.1%}, clearly above chance in {v['seeds_above_chance']}/{v['n_seeds']} seeds")
+            status = "reads_shape"
+        else:
+            message = ("NO: the baseline's shape-only accuracy is not clearly above chance for any fill; the models may not "
+                       "have learned shape, so low leakage in the augmented regimes means nothing")
+            status = "does_not_read_shape"
+        return {"title": title, "status": status, "message": message, "per_method": per_method}
