@@ -1,7 +1,7 @@
 """Pixel-space classifiers: a timm backbone behind its own normalisation.
 
 :class:`Classifier` takes images in [0, 1] ``(B, 3, H, W)`` so that fills are applied
-in pixel space and the model normalises afterwards (DESIGN: "Pixel space").
+in pixel space and the model normalises afterwards (docs/design.md, "Conventions": pixel space).
 """
 from __future__ import annotations
 

@@ -26,10 +26,29 @@ def _report(batch_size: int) -> dict:
                     options=OPTIONS)
 
 
-def _numbers(report: dict) -> str:
+def _numbers(report: dict) -> dict:
     """Everything of report.json that is a result (not timing, not the configuration that differs on purpose)."""
-    data = _jsonable(report)
-    return json.dumps({"probes": data["probes"], "clean": data["clean_accuracy"], "flags": data["flags"]}, sort_keys=True)
+    data = json.loads(json.dumps(_jsonable(report)))
+    return {"probes": data["probes"], "clean": data["clean_accuracy"], "flags": data["flags"]}
+
+
+def assert_same(a, b, path="report"):
+    """Equal, except floats within 1e-6 relative: the model's logits differ in their last bits with the
+    batch a row is in (different kernels), which moves continuous values such as prediction entropy
+    by ~1e-8. Every count, prediction-based value and interval must agree; a different random draw
+    would change predictions, and with them these numbers, by far more."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{path}: keys {sorted(a)} != {sorted(b)}"
+        for k in a:
+            assert_same(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), f"{path}: {a!r} != {b!r}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{path}[{i}]")
+    elif isinstance(a, float) and isinstance(b, float):
+        assert a == pytest.approx(b, rel=1e-6, abs=1e-9), f"{path}: {a!r} != {b!r}"
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
 
 
 def test_sample_random_rows_do_not_depend_on_the_batch():
@@ -48,7 +67,7 @@ def test_sample_random_rows_do_not_depend_on_the_batch():
 @pytest.mark.slow
 def test_report_is_the_same_for_batch_size_7_and_256():
     small, large = _report(7), _report(256)
-    assert _numbers(small) == _numbers(large)
+    assert_same(_numbers(small), _numbers(large))
 
 
 def _ddp_worker(rank: int, world: int, init_file: str, result_file: str) -> None:
@@ -77,4 +96,4 @@ def test_report_is_the_same_on_one_and_two_ranks(tmp_path):
         single = _report(8)
     finally:
         torch.set_num_threads(threads)
-    assert _numbers(ddp) == _numbers(single)
+    assert_same(_numbers(ddp), _numbers(single))

@@ -45,14 +45,15 @@ class MaskDataModule(L.LightningDataModule):
     fresh every epoch and identical on resume.
 
     Args:
-        dataset: factory (a Hydra ``_partial_``) returning a Dataset for a split name.
+        dataset: factory (a Hydra ``_partial_``) returning a Dataset for a split name, or the
+            name of a registered factory (:data:`masktrain.data.DATASETS`).
         num_classes: number of classes the dataset's labels index.
         mean: dataset mean colour in [0, 1] (the ``grey`` fill).
     """
 
     def __init__(
         self,
-        dataset: Callable[..., Dataset],
+        dataset: Callable[..., Dataset] | str,
         num_classes: int,
         name: str = "dataset",
         batch_size: int = 128,
@@ -67,6 +68,10 @@ class MaskDataModule(L.LightningDataModule):
         check(int(batch_size) >= 1, f"data.batch_size={batch_size} must be a positive integer")
         check(int(num_workers) >= 0, f"data.num_workers={num_workers} must be >= 0")
         check(len(mean) == 3, f"data.mean={list(mean)!r} must be three numbers (R, G, B)")
+        if isinstance(dataset, str):
+            from masktrain.data import DATASETS
+
+            dataset = DATASETS.get(dataset)
         self.dataset_factory = dataset
         self.name, self.num_classes = name, int(num_classes)
         self.batch_size = int(batch_size)
