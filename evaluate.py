@@ -206,8 +206,24 @@ def main(cfg: DictConfig) -> None:
         print(f"warning: {flag}")
 
 
+@exit_on_user_error
+def check_probe_option_overrides(argv: list[str]) -> None:
+    """``probe_options.<probe>.<option>=...`` names a probe and one of its options: a one-line error
+    listing the valid ones (before Hydra, whose message would not)."""
+    from masktrain.probes import get_probe
+
+    for arg in argv:
+        key = arg.split("=", 1)[0].lstrip("+~")
+        parts = key.split(".")
+        if parts[0] == "probe_options" and len(parts) >= 2:
+            probe = get_probe(parts[1])
+            if len(parts) >= 3:
+                probe.parse_options({parts[2]: probe.default_options().get(parts[2])})
+
+
 store_probe_defaults()  # before Hydra composes recipes/evaluate.yaml (here and in preflight)
 
 if __name__ == "__main__":
+    check_probe_option_overrides(sys.argv[1:])
     preflight("evaluate", sys.argv[1:], validate_config)
     main()

@@ -122,3 +122,25 @@ def test_study_png_has_a_panel_per_probe_panel(corner_probe, tmp_path):
         assert len(drawn) == 2 and (tmp_path / "study.png").stat().st_size > 1000
     finally:
         PROBES.remove("toy_heat")
+
+
+def test_no_probe_name_in_evaluation_reports_study():
+    """The evaluation, report and study code only iterate over probe objects."""
+    root = Path(__file__).resolve().parents[1] / "masktrain"
+    for module in ("evaluation.py", "reports.py", "study.py"):
+        text = (root / module).read_text()
+        named = [p for p in PROBES if p in text]
+        assert not named, f"{module} names probes {named}"
+
+
+def test_unknown_probe_option_on_the_command_line_is_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(repo / "evaluate.py"), "probe_options.shape_only.donor=[grey]",
+                           f"hydra.run.dir={tmp_path / 'out'}"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    lines = [l for l in proc.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and "probe 'shape_only' has no option 'donor'" in lines[0] and "'donors'" in lines[0], proc.stderr
+    assert not (tmp_path / "out").exists()
