@@ -22,6 +22,9 @@ from omegaconf import DictConfig, OmegaConf
 from masktrain.errors import UserError
 
 SEQUENTIAL_LAUNCHERS = {"basic"}
+# Launchers that start every rank of a DDP job themselves (srun: one task per GPU). Elsewhere
+# Lightning starts ranks 1.. by re-running the command line, which inside `-m` re-runs the sweep.
+RANK_STARTING_LAUNCHERS = {"submitit_slurm"}
 
 
 def finished_run_checkpoint(sweep_dir: Path, recipe: str, seed: int) -> Path:
@@ -48,12 +51,29 @@ def _launcher(argv: Iterable[str]) -> str:
     return name
 
 
+def _ranks(job: DictConfig) -> int:
+    """Processes a job's trainer starts (``-1``/``auto`` devices count as several)."""
+    if "ddp" not in str(OmegaConf.select(job, "trainer.strategy", default="")):
+        return 1
+    devices = OmegaConf.select(job, "trainer.devices", default=1)
+    count = len(devices) if OmegaConf.is_list(devices) or isinstance(devices, (list, tuple)) else devices
+    count = 2 if count in (-1, "-1", "auto") else int(count)
+    return count * int(OmegaConf.select(job, "trainer.num_nodes", default=1) or 1)
+
+
 def check_parallel_sweep(argv: list[str], jobs: list[DictConfig]) -> None:
-    """Refuse a multirun whose fine-tunes need a baseline trained *in the same sweep* when its
-    launcher may run jobs concurrently. ``jobs``: the composed config of every job of the sweep."""
+    """Refuse a multirun (``jobs``: the composed config of every job) that cannot run as asked:
+    fine-tunes needing a baseline trained *in the same sweep* under a launcher that may run jobs
+    concurrently, and multi-process DDP jobs under a launcher that does not start the ranks."""
     if not any(a in ("-m", "--multirun") for a in argv):
         return
     launcher = _launcher(argv)
+    if launcher not in RANK_STARTING_LAUNCHERS and any(_ranks(job) > 1 for job in jobs):
+        raise UserError(
+            f"trainer=ddp with several devices inside a `-m` sweep under hydra/launcher={launcher}: Lightning starts the "
+            f"other ranks by re-running the command line, which would re-run the whole sweep; run each DDP run on its "
+            f"own, or sweep with hydra/launcher=submitit_slurm (one task per GPU; README, 'Sweeps in parallel and on a cluster')"
+        )
     if launcher in SEQUENTIAL_LAUNCHERS:
         return
     names = {str(job.name) for job in jobs}
