@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from masktrain.cli import preflight, remove_run_dir, removed_on_user_error
 from masktrain.errors import UserError, check, exit_on_user_error
+from masktrain.tracking import is_rank_zero, log_study_wandb
 
 
 def store_probe_defaults() -> None:
@@ -159,19 +160,33 @@ def run_study_mode(cfg: DictConfig, out_dir: Path) -> None:
         return OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(saved), OmegaConf.from_dotlist(data_dotlist)))
 
     try:
-        run_study(str(cfg.study), probes=_probe_names(cfg), methods=methods, n_images=cfg.n_images, device=cfg.device,
-                  options=OmegaConf.to_container(cfg.probe_options, resolve=True),
-                  data_overrides=data_overrides if data_dotlist else None, log=print)
+        _init_distributed()
+        study = run_study(str(cfg.study), probes=_probe_names(cfg), methods=methods, n_images=cfg.n_images,
+                          device=cfg.device, options=OmegaConf.to_container(cfg.probe_options, resolve=True),
+                          data_overrides=data_overrides if data_dotlist else None, log=print)
     finally:
         remove_run_dir(out_dir, keep_if=lambda p: not _only_hydra_files(p))
+    if not is_rank_zero():
+        return
+    if _wandb_logger(cfg):
+        log_study_wandb(study, str(cfg.study), **_wandb_settings(cfg))
     print(f"study: {Path(str(cfg.study)) / 'study.md'}")
+
+
+def _wandb_logger(cfg: DictConfig) -> bool:
+    return str(OmegaConf.select(cfg, "logger._target_", default="") or "").endswith("WandbLogger")
+
+
+def _wandb_settings(cfg: DictConfig) -> dict[str, str]:
+    offline = bool(OmegaConf.select(cfg, "logger.offline", default=True))
+    return {"project": str(OmegaConf.select(cfg, "logger.project", default="masktrain")),
+            "mode": "offline" if offline else "online"}
 
 
 @hydra.main(config_path="recipes", config_name="evaluate", version_base="1.3")
 @exit_on_user_error
 def main(cfg: DictConfig) -> None:
     import torch
-    import torch.distributed as dist
 
     from masktrain.evaluation import evaluate
     from masktrain.reports import log_wandb, write_report
@@ -193,14 +208,11 @@ def main(cfg: DictConfig) -> None:
         if "run_config" in source:
             report["model"]["run"] = {k: source["run_config"].get(k) for k in ("name", "seed", "mask", "model", "study")}
         report["config"]["command"] = OmegaConf.to_container(cfg, resolve=True)
-        if dist.is_initialized() and dist.get_rank() != 0:
+        if not is_rank_zero():  # every rank evaluated its shard; rank 0 holds the gathered report
             return
         files = write_report(report, out_dir)
-    target = str(OmegaConf.select(cfg, "logger._target_", default="") or "")
-    if target.endswith("WandbLogger"):
-        offline = bool(OmegaConf.select(cfg, "logger.offline", default=True))
-        log_wandb(report, files, out_dir, project=str(OmegaConf.select(cfg, "logger.project", default="masktrain")),
-                  mode="offline" if offline else "online")
+    if _wandb_logger(cfg):  # rank 0 only (above): one W&B run per command
+        log_wandb(report, files, out_dir, **_wandb_settings(cfg))
     print(f"report: {files['report.md']}")
     for flag in report["flags"]:
         print(f"warning: {flag}")

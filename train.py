@@ -35,9 +35,13 @@ def main(cfg: DictConfig) -> None:
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    if cfg.get("study") is None and hydra_cfg.mode == RunMode.MULTIRUN:
-        with open_dict(cfg):  # runs of one sweep share a W&B group
-            cfg.study = Path(hydra_cfg.sweep.dir).name
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        sweep_dir = Path(hydra_cfg.sweep.dir).absolute()
+        with open_dict(cfg):
+            if cfg.get("study") is None:  # runs of one sweep share a W&B group
+                cfg.study = sweep_dir.name
+            if not cfg.finetune.get("from_sweep"):  # fine-tunes start from this sweep's runs (masktrain.sweeps)
+                cfg.finetune.from_sweep = str(sweep_dir)
     with removed_on_user_error(run_dir, keep_if=_has_checkpoints):
         metrics = train(cfg, run_dir)
     table = Table(title=f"{cfg.name}, seed {cfg.seed}")
@@ -51,7 +55,8 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    from masktrain.sweeps import check_parallel_sweep
     from masktrain.training import validate_config
 
-    preflight("train", sys.argv[1:], validate_config)
+    preflight("train", sys.argv[1:], validate_config, check_jobs=lambda jobs: check_parallel_sweep(sys.argv[1:], jobs))
     main()

@@ -76,11 +76,17 @@ def compose(config_name: str, overrides: list[str]) -> DictConfig:
         GlobalHydra.instance().clear()
 
 
-def preflight(config_name: str, argv: list[str], validate: Callable[[DictConfig], None]) -> None:
-    """Compose and validate every job of the command line; exit 2 with one line on bad input."""
+def preflight(config_name: str, argv: list[str], validate: Callable[[DictConfig], None],
+              check_jobs: Callable[[list[DictConfig]], None] | None = None) -> None:
+    """Compose and validate every job of the command line (and, with ``check_jobs``, the jobs
+    together); exit 2 with one line on bad input."""
     try:
+        jobs = []
         for overrides in _expand_sweeps(_user_overrides(argv)):
-            validate(compose(config_name, overrides))
+            jobs.append(compose(config_name, overrides))
+            validate(jobs[-1])
+        if check_jobs is not None:
+            check_jobs(jobs)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -49,7 +49,8 @@ class MaskTrainModule(L.LightningModule):
         config: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters({"config": config or {}})
+        # In every checkpoint; not logged from here: training.train logs the flat config itself.
+        self.save_hyperparameters({"config": config or {}}, logger=False)
         self.model = model
         self.augment, self.val_mask = augment, val_mask
         self.method = get_method(method, mean)

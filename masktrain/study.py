@@ -161,9 +161,12 @@ def run_study(
     from masktrain.evaluation import evaluate
     from masktrain.reports import write_report
 
+    from masktrain.tracking import is_rank_zero
+
     started = time.perf_counter()
     root = Path(study_dir)
     runs = find_runs(root)
+    write = is_rank_zero()  # under torchrun every rank evaluates its shard; rank 0 writes the files
     reports: dict[tuple[str, int], dict] = {}
     for run in runs:
         log(f"evaluating {run.regime} seed {run.seed}: {run.checkpoint}")
@@ -173,7 +176,8 @@ def run_study(
         report = evaluate(model, datamodule, probes=probes, methods=methods, n_images=n_images, device=device,
                           options=options, seed=0)
         report.setdefault("model", {})["run"] = {"regime": run.regime, "seed": run.seed, "checkpoint": str(run.checkpoint)}
-        write_report(report, root / "reports" / f"{run.regime}_seed{run.seed}", plots=False)
+        if write:
+            write_report(report, root / "reports" / f"{run.regime}_seed{run.seed}", plots=False)
         reports[(run.regime, run.seed)] = report
     table = aggregate(reports)
     regimes = list(dict.fromkeys(r.regime for r in runs))
@@ -194,8 +198,9 @@ def run_study(
     study["checks"] = checks(study)
     # The first check is the one stated first (kept under its old name for readers of study.json).
     study["baseline_check"] = next(iter(study["checks"].values()), {"status": "unknown", "message": "no probe of this study checks the baseline"})
-    atomic_write(root / "study.json", json.dumps(study, indent=2, default=float))
-    atomic_write(root / "study.md", render_markdown(study))
-    plot_study(study, root / "study.png")
-    log(study["baseline_check"]["message"])
+    if write:
+        atomic_write(root / "study.json", json.dumps(study, indent=2, default=float))
+        atomic_write(root / "study.md", render_markdown(study))
+        plot_study(study, root / "study.png")
+        log(study["baseline_check"]["message"])
     return study

@@ -10,12 +10,12 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any
 
 import hydra
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from masktrain.callbacks import AtomicCheckpointIO, MaskedSampleGrid
@@ -93,34 +93,55 @@ def _resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
 
 
 def resolve_init(cfg: DictConfig, run_dir: Path) -> str | None:
-    """The checkpoint a run starts from: ``init_from``, else (``finetune.from_recipe``) the
-    same seed's run of that recipe in the same sweep (``<sweep>/<recipe>/seed<seed>``)."""
+    """The checkpoint a run starts from: ``init_from``, else (``finetune.from_recipe`` with
+    ``finetune.from_sweep``) the same seed's *finished* run of that recipe in that sweep.
+
+    ``train.py`` sets ``finetune.from_sweep`` to the sweep directory inside a Hydra sweep; a
+    single run looks nothing up unless asked (``finetune.from_sweep=<dir>``), so an unrelated
+    ``baseline/seed<N>`` near its run directory is never picked up. A missing or unfinished
+    source run is an error, never a silent start from scratch (see :mod:`masktrain.sweeps`).
+    """
+    from masktrain.sweeps import finished_run_checkpoint
+
     if cfg.get("init_from"):
         return str(cfg.init_from)
     source = OmegaConf.select(cfg, "finetune.from_recipe")
     if not source:
         return None
-    candidate = run_dir.parent.parent / str(source) / f"seed{cfg.seed}" / "checkpoints" / "last.ckpt"
-    if candidate.is_file():
-        return str(candidate)
-    log.warning("no %s checkpoint at %s: training %s from scratch", source, candidate, cfg.name)
-    return None
+    sweep = OmegaConf.select(cfg, "finetune.from_sweep")
+    if not sweep:
+        log.info("%s: not in a sweep, training from scratch (finetune.from_sweep=<sweep dir> fine-tunes from "
+                 "that sweep's %s run of seed %s)", cfg.name, source, cfg.seed)
+        return None
+    return str(finished_run_checkpoint(Path(str(sweep)), str(source), int(cfg.seed)))
 
 
 def _logger(cfg: DictConfig, run_dir: Path):
+    """The run's experiment logger, or False. Nothing here touches ``logger.experiment``: on a
+    rank other than 0 Lightning hands back a dummy, and W&B starts its run lazily on rank 0."""
     if not cfg.get("logger") or not cfg.logger.get("_target_"):
         return False
     target = str(cfg.logger._target_)
     if target.endswith("WandbLogger"):
         os.environ.setdefault("WANDB_SILENT", "true")
-        kwargs: dict[str, Any] = dict(save_dir=str(run_dir), name=f"{cfg.name}-seed{cfg.seed}", group=cfg.get("study"))
         if cfg.logger.get("offline", True):
             os.environ["WANDB_MODE"] = "offline"
-        logger = hydra.utils.instantiate(cfg.logger, **kwargs)
-        if logger.experiment is not None and hasattr(logger.experiment, "config"):
-            logger.experiment.config.update(OmegaConf.to_container(cfg, resolve=True), allow_val_change=True)
-        return logger
+        # save_dir=<run dir>: W&B itself writes <run dir>/wandb/offline-run-*, which `wandb sync` uploads.
+        return hydra.utils.instantiate(cfg.logger, save_dir=str(run_dir), name=f"{cfg.name}-seed{cfg.seed}",
+                                       group=cfg.get("study"), job_type="train")
     return hydra.utils.instantiate(cfg.logger, save_dir=str(run_dir))
+
+
+@rank_zero_only
+def _finish_wandb(loggers: list, failed: bool) -> None:
+    """Close this run's W&B run (rank 0), so the next run of a sequential sweep gets its own
+    instead of Lightning reusing the one in progress."""
+    if not any(type(lg).__name__ == "WandbLogger" for lg in loggers):
+        return
+    import wandb
+
+    if wandb.run is not None:
+        wandb.finish(exit_code=1 if failed else 0)
 
 
 def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
@@ -162,15 +183,23 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
         cfg.trainer, default_root_dir=str(run_dir), callbacks=callbacks, logger=_logger(cfg, run_dir),
         plugins=[AtomicCheckpointIO()],
     )
+    config = OmegaConf.to_container(cfg, resolve=True)
+    for logger in trainer.loggers:  # the resolved config as the run's hyperparameters (rank 0 only, by Lightning)
+        logger.log_hyperparams(config)
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_checkpoint(cfg, run_dir))
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-    metrics["global_step"] = int(trainer.global_step)
-    # The final model on the test split: the number the README and studies quote.
-    for results in trainer.test(module, datamodule=datamodule, verbose=False):
-        metrics.update({k: float(v) for k, v in results.items() if k.startswith("test/")})
+    failed = True
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_checkpoint(cfg, run_dir))
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        metrics["global_step"] = int(trainer.global_step)
+        # The final model on the test split: the number the README and studies quote.
+        for results in trainer.test(module, datamodule=datamodule, verbose=False):
+            metrics.update({k: float(v) for k, v in results.items() if k.startswith("test/")})
+        failed = False
+    finally:
+        _finish_wandb(trainer.loggers, failed)
     if trainer.is_global_zero:
         atomic_write(run_dir / "metrics.json", json.dumps(metrics, indent=2))
     return metrics

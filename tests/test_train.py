@@ -53,9 +53,17 @@ def test_wandb_logger_is_offline_under_run_dir(tmp_path, monkeypatch):
     cfg = compose("train", ["recipe=mask_aug", "logger=wandb", *TINY])
     train(cfg, tmp_path)
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
-    assert runs, "W&B should write an offline run inside the run directory"
+    assert len(runs) == 1, "W&B should write one offline run inside the run directory"
     media = list(runs[0].rglob("*.png"))
     assert media, "the masked-sample grid should be logged as an image"
+    from wandb_files import read_offline_run
+
+    record = read_offline_run(runs[0])
+    assert record["config"]["name"] == "mask_aug" and record["config"]["mask"]["method"] == "grey"
+    assert "config" not in record["config"], "the config is logged once, flat, not also nested under 'config'"
+    import wandb
+
+    assert wandb.run is None, "the W&B run is finished when train() returns"
 
 
 @pytest.mark.parametrize(
@@ -106,7 +114,8 @@ def test_augmented_recipe_fine_tunes_from_baseline_of_same_seed(tmp_path):
     sweep = tmp_path / "sweep"
     base_cfg = compose("train", ["recipe=baseline", "logger=none", "seed=1", *TINY])
     train(base_cfg, sweep / "baseline" / "seed1")
-    cfg = compose("train", ["recipe=mask_aug", "logger=none", "seed=1", *TINY, "finetune.max_epochs=2", "finetune.lr=0.0"])
+    cfg = compose("train", ["recipe=mask_aug", "logger=none", "seed=1", *TINY, "finetune.max_epochs=2", "finetune.lr=0.0",
+                            f"finetune.from_sweep={sweep}"])  # train.py sets it inside a sweep
     run_dir = sweep / "mask_aug" / "seed1"
     metrics = train(cfg, run_dir)
     assert metrics["global_step"] == 8  # finetune.max_epochs=2 replaced trainer.max_epochs=1
@@ -119,9 +128,14 @@ def test_augmented_recipe_fine_tunes_from_baseline_of_same_seed(tmp_path):
     assert torch.equal(base.state_dict()[w], tuned.state_dict()[w])
 
 
-def test_augmented_recipe_without_baseline_trains_from_scratch(tmp_path):
+def test_augmented_recipe_outside_a_sweep_trains_from_scratch(tmp_path):
+    # A finished baseline where a sweep would keep it is not a reason to fine-tune: outside a sweep
+    # (finetune.from_sweep unset) nothing is looked up.
+    train(compose("train", ["recipe=baseline", "logger=none", *TINY]), tmp_path / "baseline" / "seed0")
     cfg = compose("train", ["recipe=mask_aug", "logger=none", *TINY])
     assert train(cfg, tmp_path / "mask_aug" / "seed0")["global_step"] == 4
+    _, saved = load_classifier(tmp_path / "mask_aug" / "seed0" / "checkpoints" / "last.ckpt")
+    assert saved["init_from"] is None
 
 
 def test_resume_in_a_sweep_never_takes_another_seeds_checkpoint(tmp_path):
