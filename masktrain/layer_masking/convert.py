@@ -20,11 +20,17 @@ from masktrain.layer_masking.ops import describe_missing
 from masktrain.layer_masking.registry import FUNCTION_RULES, METHOD_RULES, Ctx, Rule, module_rule
 
 
+# timm notrace modules that torch.fx does trace, and that the converter runs correctly: NFNet's
+# block is excluded by timm because an unused in-place ``out.mul_(gain)`` node would be dropped by
+# FX code generation; the converter runs every node, and in-place methods update their operand.
+_TRACE_THROUGH = ("timm.models.nfnet.NormFreeBlock",)
+
+
 def _notrace_modules() -> tuple:
     try:
         from timm.layers import get_notrace_modules
 
-        return tuple(get_notrace_modules())
+        return tuple(m for m in get_notrace_modules() if f"{m.__module__}.{m.__qualname__}" not in _TRACE_THROUGH)
     except ImportError:  # pragma: no cover
         return ()
 
@@ -176,8 +182,9 @@ class LayerMasked(nn.Module):
             if not step.rule.layouts:
                 _require_nchw(ctx, step, args, kwargs)
             return step.rule.run(ctx, step.target, args, kwargs)
-        if _any_masked(args, kwargs):  # only reachable if static analysis was bypassed
-            raise ctx.fail(step.kind, describe_missing(str(step.node.target)))
+        if _any_masked(args, kwargs):  # an input whose maskedness was decided at run time (see _plan)
+            ctx.where = step.where
+            raise ctx.fail(_op_name(step.node, step.target), describe_missing(str(step.node.target)))
         if step.kind == "call_method":
             return getattr(args[0], step.target)(*args[1:], **kwargs)
         return step.target(*args, **kwargs)
@@ -228,7 +235,10 @@ def _plan(model: nn.Module, graph: fx.Graph) -> List[_Step]:
     for node in graph.nodes:
         if node.op == "call_module":
             node.meta["layer_masking_module"] = modules[node.target]  # for static checks that look at users
-    masked: Dict[fx.Node, bool] = {}
+    # True: masked; False: plain; None: decided when the graph runs (a reduction whose axes depend
+    # on a layout, e.g. a mean over (3, 4) of a channel-reshaped map): ops without a rule are then
+    # refused at the first forward instead of at conversion, with the same message.
+    masked: Dict[fx.Node, Optional[bool]] = {}
     steps: List[_Step] = []
     first_placeholder = True
     for node in graph.nodes:
@@ -245,14 +255,17 @@ def _plan(model: nn.Module, graph: fx.Graph) -> List[_Step]:
             continue
         target, rule = _resolve(node, modules)
         where = _where(node)
-        if not any(masked[n] for n in _input_nodes(node)):
+        states = [masked[n] for n in _input_nodes(node)]
+        if not any(s is not False for s in states):
             masked[node] = False
+        elif not any(s is True for s in states):
+            masked[node] = None
         elif rule is None:
             op = _op_name(node, target)
             raise UserError(f"layer masking does not support {op} at {where}: {describe_missing(str(node.target))}")
         else:
             try:
-                masked[node] = True if rule.static is None else bool(rule.static(node, target))
+                masked[node] = True if rule.static is None else rule.static(node, target)
             except UserError as exc:
                 raise UserError(f"{exc} (at {where})") from None
         steps.append(_Step(node, node.op, target, rule, where))

@@ -113,7 +113,7 @@ def _global_response_norm(ctx: Ctx, mod: nn.Module, args: tuple, kwargs: dict) -
 
 
 try:
-    from timm.layers import GlobalResponseNorm
+    from timm.layers.grn import GlobalResponseNorm
 
     register_builtin(MODULE_RULES, (GlobalResponseNorm,), _global_response_norm, layouts=True)
 except ImportError:  # pragma: no cover

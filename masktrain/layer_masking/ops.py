@@ -107,14 +107,14 @@ _register(MODULE_RULES, (nn.ReLU,), _relu_module, layouts=True)
 _register(MODULE_RULES, REMASK_MODULES, _remask_module, layouts=True)
 _register(FUNCTION_RULES, ZERO_PRESERVING_FUNCTIONS, _zero_preserving_function, layouts=True)
 _register(FUNCTION_RULES, REMASK_FUNCTIONS, _remask_function, layouts=True)
-for _name in ("relu", "relu_", "tanh", "contiguous", "float", "to", "type_as", "clone", "half", "double", "bfloat16"):
+for _name in ("relu", "tanh", "contiguous", "float", "to", "type_as", "clone", "half", "double", "bfloat16"):
     # dtype/device/layout changes keep zeros zero; masks follow the activations' dtype on use
     METHOD_RULES[_name] = Rule(
         lambda ctx, name, args, kwargs: Masked(getattr(args[0].a, name)(*args[1:], **kwargs), args[0].m, args[0].dirty,
                                                args[0].layout),
         layouts=True,
     )
-for _name in ("sigmoid", "sigmoid_"):
+for _name in ("sigmoid",):
     METHOD_RULES[_name] = Rule(
         lambda ctx, name, args, kwargs: Masked(getattr(args[0].a, name)(*args[1:], **kwargs), args[0].m, True,
                                                args[0].layout),
@@ -217,13 +217,46 @@ _register(FUNCTION_RULES, (operator.add, operator.iadd, torch.add, operator.sub,
 _register(FUNCTION_RULES, (operator.mul, operator.imul, torch.mul), _multiplicative, layouts=True)
 _register(FUNCTION_RULES, (operator.truediv, operator.itruediv, torch.div), _divide, layouts=True)
 _register(FUNCTION_RULES, (operator.pow, torch.pow), _power, layouts=True)
-for _name, _fn in (("add", torch.add), ("add_", torch.add), ("sub", torch.sub), ("sub_", torch.sub)):
+for _name, _fn in (("add", torch.add), ("sub", torch.sub)):
     METHOD_RULES[_name] = Rule(lambda ctx, name, args, kwargs, _fn=_fn: _additive(ctx, _fn, args, kwargs), layouts=True)
-for _name, _fn in (("mul", torch.mul), ("mul_", torch.mul)):
+for _name, _fn in (("mul", torch.mul),):
     METHOD_RULES[_name] = Rule(lambda ctx, name, args, kwargs, _fn=_fn: _multiplicative(ctx, _fn, args, kwargs),
                                layouts=True)
-for _name, _fn in (("div", torch.div), ("div_", torch.div)):
+for _name, _fn in (("div", torch.div),):
     METHOD_RULES[_name] = Rule(lambda ctx, name, args, kwargs, _fn=_fn: _divide(ctx, _fn, args, kwargs), layouts=True)
+
+
+def _in_place_binary(ctx: Ctx, name: str, args: tuple, kwargs: dict) -> Masked:
+    """``x.add_(y)`` etc.: written into ``x`` itself, whose ``Masked`` is updated too, because the
+    plain model may read ``x`` again without using the result (NFNet's ``out.mul_(gain)``)."""
+    x, y = args[0], args[1]
+    if not isinstance(x, Masked):
+        raise ctx.fail(f"method .{name}()", "writing a masked value into a plain tensor in place")
+    additive = name in ("add_", "sub_")
+    if isinstance(y, Masked):
+        if name == "div_":
+            raise ctx.fail("division by a masked activation", "removed positions would divide by zero")
+        same_layout(ctx, f".{name}()", [x, y])
+        getattr(x.a, name)(y.a, *args[2:], **kwargs)
+        mask, same = intersect(ctx, [x.m, y.m])
+        x.m, x.dirty = mask, x.dirty or y.dirty or (additive and not same)
+    else:
+        getattr(x.a, name)(y, *args[2:], **kwargs)
+        x.dirty = x.dirty or additive  # a plain addend also lands on removed positions
+    return x
+
+
+def _in_place_unary(ctx: Ctx, name: str, args: tuple, kwargs: dict) -> Masked:
+    x = args[0]
+    getattr(x.a, name)(*args[1:], **kwargs)
+    x.dirty = x.dirty or name in ("sigmoid_",)  # relu_ keeps zeros zero
+    return x
+
+
+for _name in ("add_", "sub_", "mul_", "div_"):
+    METHOD_RULES[_name] = Rule(_in_place_binary, layouts=True)
+for _name in ("relu_", "sigmoid_"):
+    METHOD_RULES[_name] = Rule(_in_place_unary, layouts=True)
 METHOD_RULES["pow"] = Rule(lambda ctx, name, args, kwargs: _power(ctx, torch.pow, args, kwargs), layouts=True)
 
 
@@ -467,14 +500,19 @@ def _sum(ctx: Ctx, target: Any, args: tuple, kwargs: dict) -> Any:
     return _reduce(ctx, args[0], dims, bool(keepdim), False, "sum")
 
 
-def _reduction_static(node: fx.Node, target: Any) -> bool:
+def _reduction_static(node: fx.Node, target: Any) -> Optional[bool]:
     # A spatial reduction consumes the mask. Which axes are spatial depends on the layout, known
-    # when the graph runs; for (B, C, H, W) maps the usual (2, 3) / (-2, -1) is decided here.
+    # when the graph runs; the usual (B, C, H, W) (2, 3) / (-2, -1) and channels-last (1, 2) are
+    # decided here, anything else (None) when the graph runs.
     dims, _ = _mean_args(node.args, node.kwargs)
     if dims is None:
         raise _unsupported(f"{getattr(target, '__name__', target)} over all dims at {node.name}", "it mixes the batch")
-    spatial = {d % 4 for d in (dims if isinstance(dims, (tuple, list)) else (dims,)) if isinstance(d, int)}
-    return spatial not in ({2, 3}, {1, 2})
+    dims = tuple(dims) if isinstance(dims, (tuple, list)) else (dims,)
+    if not all(isinstance(d, int) for d in dims):
+        return None
+    if {d % 4 for d in dims} in ({2, 3}, {1, 2}) and len(dims) == 2 and all(-4 <= d < 4 for d in dims):
+        return False
+    return None
 
 
 _register(FUNCTION_RULES, (torch.mean,), _mean, _reduction_static, layouts=True)

@@ -284,6 +284,9 @@ def _flatten_static(node: fx.Node, target: Any) -> bool:
 
 def _flatten(ctx: Ctx, target: Any, args: tuple, kwargs: dict) -> Any:
     x = args[0]
+    if _flatten_args(args, kwargs) != (1, -1) or ctx.node is None or not _feeds_only_linear(ctx.node):
+        raise ctx.fail("flatten", "it merges spatial positions of a masked activation (flatten(1) is supported only "
+                                  "when the result feeds Linear layers)")
     if x.layout is not None:
         raise ctx.fail("flatten", f"a map with axes {x.layout}")
     # Paper's AlexNet semantics: removed positions contribute zeros to the first Linear.
