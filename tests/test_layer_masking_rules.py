@@ -397,3 +397,39 @@ def test_conv2d_same_equals_explicit_asymmetric_padding():
     assert out.a.shape == plain.shape
     torch.testing.assert_close(_run(same, x, torch.ones_like(keep)).a, plain)
     assert 0 < out.m.mean() < 1
+
+
+# --------------------------------------------------------------------------- the docs' worked example
+
+
+class BlurShift(nn.Module):
+    """docs/layer_masking.md "Writing a rule": untraceable (a branch on the input's shape)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.shift = nn.Parameter(torch.zeros(1, channels, 1, 1))
+
+    def forward(self, x):
+        if x.shape[-1] > 1:
+            x = F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
+        return x + self.shift
+
+
+def blur_shift_rule(ctx, block, args, kwargs):
+    x = clean(args[0])
+    share = F.avg_pool2d(x.m, 3, 1, 1, count_include_pad=False)
+    visible = (share > 0).to(x.m.dtype)
+    blurred = F.avg_pool2d(x.a, 3, 1, 1, count_include_pad=False) / share.clamp(min=1e-12) * visible
+    return Masked(blurred + block.shift, visible, dirty=True)
+
+
+def test_docs_rule_example(clean_registry):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), BlurShift(8), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten()).double()
+    with torch.no_grad():
+        model[1].shift.uniform_(-1, 1)
+    with pytest.raises(UserError, match="could not trace"):
+        layer_mask(model)
+    register_rule(BlurShift, blur_shift_rule)
+    report = check_properties(model, size=16, patch=4, tolerance=1e-12)
+    assert report.ok and report.mask_changes_output, report.problems()
