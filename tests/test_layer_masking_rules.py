@@ -433,3 +433,23 @@ def test_docs_rule_example(clean_registry):
     register_rule(BlurShift, blur_shift_rule)
     report = check_properties(model, size=16, patch=4, tolerance=1e-12)
     assert report.ok and report.mask_changes_output, report.problems()
+
+
+def test_channel_and_spatial_amax():
+    """CBAM-style spatial attention: max over channels per position; amax over (H, W) over visible ones."""
+
+    class Cbam(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 6, 3, padding=1)
+            self.spatial = nn.Conv2d(2, 1, 7, padding=3)
+
+        def forward(self, x):
+            x = self.conv(x)
+            s = torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], 1)
+            x = x * torch.sigmoid(self.spatial(s))
+            return x.amax((2, 3)) + x.mean((2, 3))
+
+    torch.manual_seed(0)
+    report = check_properties(Cbam().double(), size=16, patch=4, tolerance=1e-12)
+    assert report.ok and report.mask_changes_output, report.problems()

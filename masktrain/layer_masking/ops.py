@@ -500,6 +500,20 @@ def _sum(ctx: Ctx, target: Any, args: tuple, kwargs: dict) -> Any:
     return _reduce(ctx, args[0], dims, bool(keepdim), False, "sum")
 
 
+def _amax(ctx: Ctx, target: Any, args: tuple, kwargs: dict) -> Any:
+    # CBAM-style spatial attention: max over channels per position; over (H, W): max over visible positions
+    x = args[0]
+    dims, keepdim = _mean_args(args, kwargs)
+    axes, kind = reduce_axes(ctx, "amax", x, dims)
+    if kind == "spatial":
+        hidden = x.a.masked_fill(mask_view(x) == 0, float("-inf")).amax(dim=axes, keepdim=bool(keepdim))
+        return torch.where(torch.isinf(hidden), torch.zeros_like(hidden), hidden)  # nothing visible: 0
+    layout = _reduced_layout(x.layout, axes, bool(keepdim))
+    if layout is not None and "C" not in layout:
+        raise ctx.fail("amax", "a channel reduction that drops the last channel axis")
+    return Masked(x.a.amax(dim=axes, keepdim=bool(keepdim)), x.m, x.dirty, layout)
+
+
 def _reduction_static(node: fx.Node, target: Any) -> Optional[bool]:
     # A spatial reduction consumes the mask. Which axes are spatial depends on the layout, known
     # when the graph runs; the usual (B, C, H, W) (2, 3) / (-2, -1) and channels-last (1, 2) are
@@ -519,6 +533,8 @@ _register(FUNCTION_RULES, (torch.mean,), _mean, _reduction_static, layouts=True)
 _register(FUNCTION_RULES, (torch.sum,), _sum, _reduction_static, layouts=True)
 METHOD_RULES["mean"] = Rule(_mean, _reduction_static, layouts=True)
 METHOD_RULES["sum"] = Rule(_sum, _reduction_static, layouts=True)
+_register(FUNCTION_RULES, (torch.amax,), _amax, _reduction_static, layouts=True)
+METHOD_RULES["amax"] = Rule(_amax, _reduction_static, layouts=True)
 
 
 # --------------------------------------------------------------------------- normalisation
