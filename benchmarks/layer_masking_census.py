@@ -144,6 +144,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--budget", type=float, default=180.0, help="seconds per model (default 180)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", help="write the table as JSON to this path")
+    parser.add_argument("--markdown", help="write the table as a markdown table to this path")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -166,7 +167,22 @@ def main(argv: Optional[List[str]] = None) -> int:
         import os
 
         os.replace(args.json + ".tmp", args.json)  # never a half-written table
+    if args.markdown:
+        with open(args.markdown, "w") as fh:
+            fh.write(markdown_table(rows))
     return 1 if counts["CRASH"] or counts["FAIL"] else 0
+
+
+def markdown_table(rows: List[Row]) -> str:
+    """``| family | model | params | size | result |`` rows (details shortened to the op and path)."""
+    lines = ["| family | smallest model | params | input | result |", "| --- | --- | --- | --- | --- |"]
+    for r in rows:
+        detail = r.detail.replace("layer masking does not support ", "").replace("|", "\\|")
+        suffix = detail.rsplit(" (at ", 1)[1].rstrip(")") if detail.endswith(")") and " (at " in detail else ""
+        detail = detail.split(": it ")[0].split(": no layer-masking rule")[0][:160] + (f" at {suffix}" if suffix else "")
+        result = r.status if r.status == "ok" else f"{r.status}: {detail}"
+        lines.append(f"| {r.module} | `{r.model}` | {r.params_m:.2f} M | {r.size}² | {result} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
