@@ -43,7 +43,7 @@ from masktrain.layer_masking import layer_mask
 from masktrain.layer_masking.check import check_properties
 
 
-class _Timeout(Exception):
+class _Timeout(BaseException):  # not an Exception: broad handlers (plain-model probe) must not swallow it
     pass
 
 
