@@ -166,7 +166,7 @@ def test_register_rule_static_refusal_and_functions(clean_registry):
 QUICK = ["convnextv2_atto", "cs3darknet_s", "ghostnet_050", "rexnet_100", "fasternet_t0", "inception_next_atto",
          "test_mambaout", "test_nfnet", "hgnetv2_b0", "resnest14d", "skresnet18"]
 SLOW = ["cspresnet50", "res2net50_14w_8s", "dpn68", "hrnet_w18_small", "poolformerv2_s12", "inception_v3",
-        "nasnetalarge", "vgg11"]
+        "nasnetalarge", "vgg11", "tresnet_m"]
 
 
 def _family_params():
@@ -372,14 +372,12 @@ def test_constant_padding_border_is_visible():
     out = _run(nn.ZeroPad2d((0, 1, 2, 0)), x, keep)
     torch.testing.assert_close(out.m, F.pad(keep, (0, 1, 2, 0), value=1.0))
     torch.testing.assert_close(out.a, F.pad(x * keep, (0, 1, 2, 0)))
-    class Reflect(nn.Module):
-        def forward(self, x):
-            return F.pad(x, (1, 1, 1, 1), mode="reflect").mean((2, 3))
-
-    with pytest.raises(UserError, match="only constant padding"):
-        layer_mask(Reflect())(torch.rand(1, 3, 4, 4), torch.ones(1, 1, 4, 4))
-    with pytest.raises(UserError, match="ReflectionPad2d at module '1'"):
-        layer_mask(nn.Sequential(nn.Conv2d(3, 3, 1), nn.ReflectionPad2d(1)))
+    # reflect / replicate move data only: the mask moves with it (border copies of removed pixels are removed)
+    for module, mode in ((nn.ReflectionPad2d((1, 2, 0, 1)), "reflect"), (nn.ReplicationPad2d(1), "replicate")):
+        out = _run(module, x, keep)
+        pads = tuple(module.padding)
+        torch.testing.assert_close(out.m, F.pad(keep, pads, mode=mode))
+        torch.testing.assert_close(out.a, F.pad(x * keep, pads, mode=mode))
 
 
 def test_conv2d_same_equals_explicit_asymmetric_padding():

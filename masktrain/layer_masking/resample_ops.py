@@ -4,12 +4,15 @@
   ``bilinear`` / ``area`` compute ``interp(a·m) / interp(m)`` where ``interp(m) > 0`` (the
   interpolation weights renormalised over visible inputs), visible there.
 * ``F.pad`` / ``ZeroPad2d`` / ``ConstantPad2d`` (constant mode): the added border holds the pad
-  value and is visible, as in the plain model (so an all-ones keep mask gives the plain output).
+  value and is visible, as in the plain model (so an all-ones keep mask gives the plain output);
+  reflect / replicate / circular padding (``ReflectionPad2d``, timm's ``BlurPool2d``) pad the
+  mask the same way, so a border copy of a removed pixel is removed.
 * ``F.conv2d``, ``F.avg_pool2d``, ``F.max_pool2d``: the rules of their module twins.
 * timm ``Conv2dSame``, ``StdConv2dSame``, ``ScaledStdConv2dSame``, ``AvgPool2dSame``,
   ``MaxPool2dSame`` (dynamic "same" padding): the conv / pool rule with the asymmetric
   padding computed from the input size; the padding lies outside the image, exactly like a
   conv's own zero padding (never neighbour-filled).
+* timm ``SpaceToDepth`` (TResNet stem): the conv rule for a bs×bs stride-bs window.
 * timm VGG ``ConvMlp`` head: masked adaptive average pooling up to the kernel size when the
   map is smaller, then its convolutions through the conv rule.
 """
@@ -23,6 +26,7 @@ from torch import Tensor, fx, nn
 
 from masktrain.errors import UserError
 from masktrain.layer_masking.masked import Masked, clean
+from masktrain.layer_masking.neighbour_padding import neighbour_pad
 from masktrain.layer_masking.ops import _adaptive_avg, _pair, apply_module, masked_conv
 from masktrain.layer_masking.registry import FUNCTION_RULES, MODULE_RULES, Ctx, register_builtin
 
@@ -77,28 +81,43 @@ register_builtin(FUNCTION_RULES, (F.interpolate,), _interpolate_function, _upsam
 # --------------------------------------------------------------------------- explicit padding
 
 
-def masked_pad(ctx: Ctx, x: Masked, pad: Tuple[int, ...], value: float) -> Masked:
-    """Constant padding; the border holds ``value`` and is visible, as in the plain model."""
+def masked_pad(ctx: Ctx, x: Masked, pad: Tuple[int, ...], value: float, mode: str = "constant") -> Masked:
+    """Explicit padding. Constant: the border holds ``value`` and is visible, as in the plain
+    model. Reflect / replicate / circular move data only, so the mask is padded the same way:
+    a border copy of a removed pixel is removed (and never read)."""
     spatial = tuple(pad[:4])
-    mask = ctx.cache.get(x.m, ("pad", spatial), lambda: F.pad(x.m, spatial, value=1.0))
-    return Masked(F.pad(x.a, pad, value=value), mask, x.dirty)
+    if mode == "constant":
+        mask = ctx.cache.get(x.m, ("pad", spatial), lambda: F.pad(x.m, spatial, value=1.0))
+        return Masked(F.pad(x.a, pad, value=value), mask, x.dirty)
+    if len(pad) > 4:
+        raise ctx.fail(f"pad(mode={mode!r})", "padding beyond the spatial axes")
+    mask = ctx.cache.get(x.m, ("pad", spatial, mode), lambda: F.pad(x.m, spatial, mode=mode))
+    return Masked(F.pad(x.a, pad, mode=mode), mask, x.dirty)
 
 
 def _pad_function(ctx: Ctx, fn: Any, args: tuple, kwargs: dict) -> Masked:
     names = ("input", "pad", "mode", "value")
     values = dict(zip(names, args))
     values.update(kwargs)
-    if values.get("mode", "constant") != "constant":
-        raise ctx.fail(f"pad(mode={values['mode']!r})", "only constant padding (other modes copy removed pixels)")
-    return masked_pad(ctx, values["input"], tuple(values["pad"]), values.get("value") or 0.0)
+    mode = values.get("mode") or "constant"
+    if mode not in ("constant", "reflect", "replicate", "circular"):
+        raise ctx.fail(f"pad(mode={mode!r})", "unknown padding mode")
+    return masked_pad(ctx, values["input"], tuple(values["pad"]), values.get("value") or 0.0, mode)
 
 
 def _pad_module(ctx: Ctx, mod: nn.Module, args: tuple, kwargs: dict) -> Masked:
     return masked_pad(ctx, args[0], tuple(mod.padding), float(mod.value))
 
 
+def _pad_mode_module(mode: str) -> Callable:
+    return lambda ctx, mod, args, kwargs: masked_pad(ctx, args[0], tuple(mod.padding), 0.0, mode)
+
+
 register_builtin(FUNCTION_RULES, (F.pad,), _pad_function)
 register_builtin(MODULE_RULES, (nn.ZeroPad2d, nn.ConstantPad2d), _pad_module)
+register_builtin(MODULE_RULES, (nn.ReflectionPad2d,), _pad_mode_module("reflect"))
+register_builtin(MODULE_RULES, (nn.ReplicationPad2d,), _pad_mode_module("replicate"))
+register_builtin(MODULE_RULES, (nn.CircularPad2d,), _pad_mode_module("circular"))
 
 
 # --------------------------------------------------------------------------- functional conv / pools
@@ -238,6 +257,25 @@ try:
     register_builtin(MODULE_RULES, (StdConv2dSame, ScaledStdConv2dSame), _same_conv(_standardised_weight))
     register_builtin(MODULE_RULES, (AvgPool2dSame,), _avg_pool_same)
     register_builtin(MODULE_RULES, (MaxPool2dSame,), _max_pool_same)
+except ImportError:  # pragma: no cover
+    pass
+
+def _space_to_depth(ctx: Ctx, s2d: nn.Module, args: tuple, kwargs: dict) -> Masked:
+    # (B, C, H, W) -> (B, C·bs², H/bs, W/bs) is a stride-bs window op whose output mixes the
+    # bs×bs positions of a window, so it follows the conv rule: removed positions of a window
+    # with a visible one are neighbour-filled (bs − 1 rounds reach the whole window), and an
+    # output position is visible if its window saw a visible pixel (max-pool bs, stride bs).
+    x = clean(args[0])
+    bs = int(s2d.bs)
+    mask = ctx.cache.get(x.m, ("s2d", bs), lambda: F.max_pool2d(x.m, bs, bs))
+    filled = neighbour_pad(x.a, x.m, bs - 1, ctx.cache)
+    return Masked(s2d(filled), mask, dirty=True)  # fills may reach windows with nothing visible
+
+
+try:
+    from timm.layers import SpaceToDepth
+
+    register_builtin(MODULE_RULES, (SpaceToDepth,), _space_to_depth)
 except ImportError:  # pragma: no cover
     pass
 
