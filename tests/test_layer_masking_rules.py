@@ -451,3 +451,16 @@ def test_channel_and_spatial_amax():
     torch.manual_seed(0)
     report = check_properties(Cbam().double(), size=16, patch=4, tolerance=1e-12)
     assert report.ok and report.mask_changes_output, report.problems()
+
+
+def test_timm_activation_classes_inside_batch_norm_act():
+    """BatchNormAct2d applies its act through the act's rule: timm's own activation classes have one."""
+    from timm.layers import BatchNormAct2d
+    from timm.layers.activations import GELU, HardSigmoid
+
+    for act in (GELU, HardSigmoid):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), BatchNormAct2d(8, act_layer=act),
+                              nn.Conv2d(8, 8, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Flatten()).double()
+        report = check_properties(model, size=16, patch=4, tolerance=1e-12)
+        assert report.ok and report.mask_changes_output, (act, report.problems())

@@ -578,6 +578,21 @@ except ImportError:  # pragma: no cover
     pass
 
 try:
+    # timm's own activation classes (used inside BatchNormAct2d / GroupNormAct, where they are not traced)
+    from timm.layers import activations as _timm_act
+    from timm.layers import activations_me as _timm_act_me
+
+    _register(MODULE_RULES, tuple(getattr(_timm_act, n) for n in (
+        "Swish", "Mish", "Tanh", "HardSwish", "HardMish", "PReLU", "GELU", "GELUTanh", "QuickGELU")
+        if hasattr(_timm_act, n)) + tuple(getattr(_timm_act_me, n) for n in ("SwishMe", "MishMe", "HardSwishMe", "HardMishMe")
+                                          if hasattr(_timm_act_me, n)), _zero_preserving_module, layouts=True)
+    _register(MODULE_RULES, tuple(getattr(_timm_act, n) for n in ("Sigmoid", "HardSigmoid") if hasattr(_timm_act, n))
+              + tuple(getattr(_timm_act_me, n) for n in ("HardSigmoidMe",) if hasattr(_timm_act_me, n)),
+              _remask_module, layouts=True)
+except ImportError:  # pragma: no cover
+    pass
+
+try:
     from torchvision.ops import StochasticDepth, stochastic_depth
 
     _register(MODULE_RULES, (StochasticDepth,), _zero_preserving_module, layouts=True)
