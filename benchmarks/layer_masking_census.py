@@ -180,7 +180,10 @@ def markdown_table(rows: List[Row]) -> str:
         detail = r.detail.replace("layer masking does not support ", "").replace("|", "\\|")
         suffix = detail.rsplit(" (at ", 1)[1].rstrip(")") if detail.endswith(")") and " (at " in detail else ""
         detail = detail.split(": it ")[0].split(": no layer-masking rule")[0][:160] + (f" at {suffix}" if suffix else "")
-        result = r.status if r.status == "ok" else f"{r.status}: {detail}"
+        if r.status == "ok":
+            result = "ok (mask has no effect: plain output input-insensitive at init)" if "no effect" in r.detail else "ok"
+        else:
+            result = f"{r.status}: {detail}"
         lines.append(f"| {r.module} | `{r.model}` | {r.params_m:.2f} M | {r.size}² | {result} |")
     return "\n".join(lines) + "\n"
 
