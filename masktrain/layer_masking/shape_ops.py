@@ -2,7 +2,7 @@
 
 * ``permute`` / ``transpose``: the axes of ``a`` are renamed in ``Masked.layout`` (ConvNeXt's
   channels-last block, MambaOut); the mask itself never moves.
-* channel ``split`` / ``chunk`` / slices (``x[:, :c]``) / slice assignment / ``stack`` along a new
+* channel ``split`` / ``chunk`` / slices (``x[:, :c]``) / ``stack`` along a new
   channel-like axis / ``reshape`` and ``view`` that only split or merge channel axes (split
   attention's ``(B, r·C, H, W) -> (B, r, C, H, W)``): the mask is shared by every part.
 * ``flatten(1)`` of a ``(B, C, h, w)`` map whose only readers are ``Linear`` layers (AlexNet,
@@ -218,30 +218,7 @@ def _getitem(ctx: Ctx, target: Any, args: tuple, kwargs: dict) -> Any:
     return Masked(container.a[index], container.m, container.dirty, _normalise(layout))
 
 
-def _setitem(ctx: Ctx, target: Any, args: tuple, kwargs: dict) -> None:
-    # x[:, a:b] = y (rexnet's x[:, :c] += shortcut): one mask serves all channels, so the result
-    # is visible where both were (intersection), as for a residual add.
-    x, index, value = args
-    if not isinstance(x, Masked):
-        raise ctx.fail("slice assignment", "a masked value written into a plain tensor")
-    _index_layout(ctx, x, index)
-    if isinstance(value, Masked):
-        same_layout(ctx, "slice assignment", [x, value])
-        x.a[index] = value.a
-        mask, same = intersect(ctx, [x.m, value.m])
-        x.m, x.dirty = mask, x.dirty or value.dirty or not same
-    else:
-        x.a[index] = value
-        x.dirty = True  # a plain value also lands on removed positions
-    return None
-
-
-def _setitem_static(node: fx.Node, target: Any) -> bool:
-    return False  # returns None; the target node's value is updated in place
-
-
 register_builtin(FUNCTION_RULES, (operator.getitem,), _getitem, layouts=True)
-register_builtin(FUNCTION_RULES, (operator.setitem,), _setitem, _setitem_static, layouts=True)
 METHOD_RULES["__getitem__"] = Rule(_getitem, layouts=True)
 
 
