@@ -1,13 +1,16 @@
-"""Layer-masked vs plain ResNet-50, measured side by side in one run (a benchmark, not a test).
+"""Layer-masked vs plain models, measured side by side in one run (a benchmark, not a test).
 
     python benchmarks/layer_masking.py                      # CUDA if present, else CPU, 2 threads
     python benchmarks/layer_masking.py --threads 2 --repeats 5 --batch 8 --size 224
+    python benchmarks/layer_masking.py --archs resnet50 --backward resnet50
 
-Times the forward pass (eval, no_grad) and forward+backward (train mode, masked BN
-statistics) of ``layer_mask(resnet50)`` and of the plain model on the same batch. Each
-repeat runs one plain and one masked call back to back (order alternating), and the
-reported ratio is the median of the per-pair ratios, so machine noise hits both alike.
-Also checks that the masked logits with an all-ones mask equal the plain logits.
+For each of ``--archs`` (default ResNet-50, EfficientNet-B0, DenseNet-121, ConvNeXt-T) it
+times the forward pass (eval, no_grad) of ``layer_mask(model)`` and of the plain model on
+the same batch (random 16×16 patches, about half removed); for the archs in ``--backward``
+(default ResNet-50) also forward+backward (train mode, masked BN statistics). Each repeat
+runs one plain and one masked call back to back (order alternating), and the reported ratio
+is the median of the per-pair ratios, so machine noise hits both alike. Also checks that the
+masked logits with an all-ones mask equal the plain logits.
 
 On a CPU shared with other busy processes, ``--threads 2`` on 2 cores is dominated by
 scheduling: every op's parallel region waits for a descheduled thread, which penalises
@@ -20,7 +23,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Callable, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import timm
 import torch
@@ -69,45 +72,69 @@ def _report(label: str, p_times: List[float], m_times: List[float]) -> float:
     return ratio
 
 
+# goals from issue 14: (forward, forward+backward); None = no goal set
+GOALS: Dict[str, Tuple[Optional[float], Optional[float]]] = {
+    "resnet50": (1.25, 1.15),
+    "efficientnet_b0": (1.4, None),
+    "densenet121": (1.3, None),
+    "convnext_tiny": (1.3, None),
+}
+
+
+def _goal(label: str, ratio: float, goal: Optional[float]) -> str:
+    return "" if goal is None else f"   goal <= {goal}x: {'met' if ratio <= goal else 'NOT met'}"
+
+
+def bench_arch(arch: str, args: argparse.Namespace, device: torch.device, backward: bool) -> Dict[str, float]:
+    torch.manual_seed(0)
+    model = timm.create_model(arch, pretrained=False, num_classes=1000).to(device)
+    masked = layer_mask(model)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, 3, args.size, args.size, generator=g).to(device)
+    keep = _patch_keep(args.batch, args.size, 16, g).to(device)
+    goal_fwd, goal_both = GOALS.get(arch, (None, None))
+    print(f"--- {arch}")
+    model.eval()
+    result: Dict[str, float] = {}
+    with torch.no_grad():
+        plain_logits = model(x)
+        ones = masked(x, torch.ones_like(keep))
+        rel = ((ones - plain_logits).norm() / plain_logits.norm()).item()
+        print(f"all-ones mask: logits identical: {torch.equal(ones, plain_logits)} (rel err {rel:.2e})")
+        result["forward"] = _report("forward (eval)", *_pairs(lambda: model(x), lambda: masked(x, keep), args.repeats, device))
+        print(_goal("forward", result["forward"], goal_fwd).strip())
+    if backward:
+        model.train()
+
+        def plain_step() -> None:
+            model(x).square().mean().backward()
+
+        def masked_step() -> None:
+            masked(x, keep).square().mean().backward()
+
+        result["forward+backward"] = _report("forward+backward", *_pairs(plain_step, masked_step, args.repeats, device))
+        print(_goal("forward+backward", result["forward+backward"], goal_both).strip())
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--repeats", type=int, default=10, help="interleaved pairs per measurement")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--arch", default="resnet50")
+    parser.add_argument("--archs", nargs="+", default=list(GOALS), help="timm model names")
+    parser.add_argument("--backward", nargs="*", default=["resnet50"], help="archs also timed forward+backward")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(0)
-    model = timm.create_model(args.arch, pretrained=False, num_classes=1000).to(device)
-    masked = layer_mask(model)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(args.batch, 3, args.size, args.size, generator=g).to(device)
-    keep = _patch_keep(args.batch, args.size, 16, g).to(device)
-    print(f"{args.arch}, batch {args.batch}, {args.size}², device {device}"
-          f"{'' if device.type == 'cuda' else f', {args.threads} threads'}, {args.repeats} pairs")
-
-    model.eval()
-    with torch.no_grad():
-        plain_logits = model(x)
-        same = torch.equal(masked(x, torch.ones_like(keep)), plain_logits)
-        rel = ((masked(x, torch.ones_like(keep)) - plain_logits).norm() / plain_logits.norm()).item()
-        print(f"all-ones mask: logits identical: {same} (rel err {rel:.2e})")
-        fwd = _report("forward (eval)", *_pairs(lambda: model(x), lambda: masked(x, keep), args.repeats, device))
-
-    model.train()
-
-    def plain_step() -> None:
-        model(x).square().mean().backward()
-
-    def masked_step() -> None:
-        masked(x, keep).square().mean().backward()
-
-    both = _report("forward+backward", *_pairs(plain_step, masked_step, args.repeats, device))
-    print(f"goal: forward <= 1.25x ({'met' if fwd <= 1.25 else 'not met'}), "
-          f"forward+backward <= 1.15x ({'met' if both <= 1.15 else 'not met'})")
+    print(f"batch {args.batch}, {args.size}², device {device}"
+          f"{'' if device.type == 'cuda' else f', {args.threads} threads'}, {args.repeats} pairs, random 16x16 patches")
+    results = {arch: bench_arch(arch, args, device, arch in args.backward) for arch in args.archs}
+    print("summary (masked / plain, median of pairs):")
+    for arch, r in results.items():
+        print(f"  {arch:<18} " + "   ".join(f"{k} {v:.3f}x" for k, v in r.items()))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,17 @@ class _PooledFeatures(nn.Module):
         super().__init__()
         self.backbone = backbone
 
+    @property
+    def training(self) -> bool:  # type: ignore[override]
+        # Follows the backbone: this wrapper lives outside the Classifier's module tree, so
+        # Classifier.train()/eval() reach the backbone only (and layer masking picks its graph by mode).
+        backbone = self.__dict__.get("_modules", {}).get("backbone")
+        return backbone.training if backbone is not None else self.__dict__.get("_training", True)
+
+    @training.setter
+    def training(self, mode: bool) -> None:
+        self.__dict__["_training"] = mode
+
     def forward(self, x: Tensor) -> Tensor:
         return self.backbone.forward_head(self.backbone.forward_features(x), pre_logits=True)
 

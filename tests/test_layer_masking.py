@@ -206,14 +206,44 @@ class _Untraceable(nn.Module):
         return x.mean((2, 3))
 
 
+class _TokenFlatten(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        return torch.flatten(self.conv(x), 2).mean(1)  # ViT-style (B, C, N) tokens
+
+
 def test_unsupported_ops_raise_user_error():
-    with pytest.raises(UserError, match=r"does not support flatten at .*spatial|does not support flatten"):
-        layer_mask(_SpatialLinear())
+    with pytest.raises(UserError, match=r"does not support flatten\(2, -1\)"):
+        layer_mask(_TokenFlatten())
     with pytest.raises(UserError, match="could not trace"):
         layer_mask(_Untraceable())
-    attn = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Upsample(scale_factor=2))
-    with pytest.raises(UserError, match=r"Upsample at module '1'"):
-        layer_mask(attn)
+    unfold = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Unfold(2))
+    with pytest.raises(UserError, match=r"Unfold at module '1'"):
+        layer_mask(unfold)
+
+
+def test_flatten_into_linear_zero_fills_removed_positions():
+    """AlexNet / VGG semantics: flatten(1) of the map into Linear, removed positions contribute 0."""
+    torch.manual_seed(0)
+    model = _SpatialLinear().double().eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    keep = torch.ones(2, 1, 8, 8, dtype=torch.float64)
+    keep[0, :, :4, :4] = 0
+    keep[1, :, 5:] = 0
+    with torch.no_grad():
+        out = layer_mask(model)(x, keep)
+        conv = model.conv
+        # the conv rule's output mask (3x3 max-pool of keep), zero elsewhere
+        from masktrain.layer_masking.ops import Ctx, _conv
+        from masktrain.layer_masking.masked import Masked, clean
+
+        y = clean(_conv(Ctx(), conv, (Masked(x * keep, keep),), {}))
+        assert 0 < y.m.mean() < 1
+        expected = model.fc(y.a.flatten(1))
+    torch.testing.assert_close(out, expected)
 
 
 # --------------------------------------------------------------------------- batch norm in training mode

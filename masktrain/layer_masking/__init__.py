@@ -1,9 +1,11 @@
 """Layer masking (Balasubramanian & Feizi, ICCV 2023) for any torch.fx-traceable CNN.
 
 ``masked = layer_mask(model)``; ``masked(x, keep)`` runs ``model`` so that every
-activation map only carries visible pixels. See ``docs/layer_masking.md``.
+activation map only carries visible pixels. ``register_rule`` adds a rule for a module
+class, function or method of your own. See ``docs/layer_masking.md``.
 """
 from masktrain.layer_masking.convert import LayerMasked, layer_mask
-from masktrain.layer_masking.masked import Masked
+from masktrain.layer_masking.masked import Masked, clean, mask_view
+from masktrain.layer_masking.registry import Ctx, Rule, register_rule
 
-__all__ = ["LayerMasked", "Masked", "layer_mask"]
+__all__ = ["Ctx", "LayerMasked", "Masked", "Rule", "clean", "layer_mask", "mask_view", "register_rule"]

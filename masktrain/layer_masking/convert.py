@@ -15,14 +15,22 @@ from torch import Tensor, fx, nn
 
 from masktrain.errors import UserError
 from masktrain.layer_masking.masked import Masked
-from masktrain.layer_masking.ops import FUNCTION_RULES, METHOD_RULES, MODULE_RULES, Ctx, Rule, describe_missing
+from masktrain.layer_masking import norm_ops, resample_ops, shape_ops  # noqa: F401  (they register their rules)
+from masktrain.layer_masking.ops import describe_missing
+from masktrain.layer_masking.registry import FUNCTION_RULES, METHOD_RULES, Ctx, Rule, module_rule
+
+
+# timm notrace modules that torch.fx does trace, and that the converter runs correctly: NFNet's
+# block is excluded by timm because an unused in-place ``out.mul_(gain)`` node would be dropped by
+# FX code generation; the converter runs every node, and in-place methods update their operand.
+_TRACE_THROUGH = ("timm.models.nfnet.NormFreeBlock",)
 
 
 def _notrace_modules() -> tuple:
     try:
         from timm.layers import get_notrace_modules
 
-        return tuple(get_notrace_modules())
+        return tuple(m for m in get_notrace_modules() if f"{m.__module__}.{m.__qualname__}" not in _TRACE_THROUGH)
     except ImportError:  # pragma: no cover
         return ()
 
@@ -44,7 +52,7 @@ class _Tracer(fx.Tracer):
         self._notrace = _notrace_modules()
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if type(m) in MODULE_RULES or isinstance(m, self._notrace):
+        if module_rule(type(m)) is not None or isinstance(m, self._notrace):
             return True
         # Built-in torch modules without a rule (Linear, Flatten, ...) are leaves too; they run
         # on plain tensors and are refused on masked ones.
@@ -90,7 +98,7 @@ class _Step:
 def _resolve(node: fx.Node, modules: Dict[str, nn.Module]) -> Tuple[Any, Optional[Rule]]:
     if node.op == "call_module":
         target = modules[node.target]
-        return target, MODULE_RULES.get(type(target))
+        return target, module_rule(type(target))
     if node.op == "call_method":
         return node.target, METHOD_RULES.get(node.target)
     return node.target, FUNCTION_RULES.get(node.target)
@@ -103,14 +111,28 @@ class LayerMasked(nn.Module):
     ``model(x)`` returns. The model is held as the submodule ``model``: parameters and
     buffers are its own, and ``train()``/``eval()`` on either object act on the same
     modules (rules read each submodule's ``training`` flag at call time).
+
+    Python branches on ``self.training`` inside traced code (timm heads'
+    ``F.dropout(x, p, training=self.training)``) are frozen by torch.fx at trace time, so
+    the model is traced twice, in training and in evaluation mode (as torchvision's
+    ``create_feature_extractor`` does), and each forward runs the graph of the model's
+    current mode (``model.training``).
     """
 
-    def __init__(self, model: nn.Module, graph: fx.Graph, steps: List[_Step]) -> None:
+    def __init__(self, model: nn.Module, plans: Dict[bool, Tuple[fx.Graph, List[_Step]]]) -> None:
         super().__init__()
         self.model = model
-        self._graph = graph
-        self._steps = steps
-        self._output = next(n for n in graph.nodes if n.op == "output")
+        self._plans = plans
+        self._outputs = {mode: next(n for n in g.nodes if n.op == "output") for mode, (g, _) in plans.items()}
+
+    @property
+    def _steps(self) -> List[_Step]:
+        """The steps of the graph for the model's current mode."""
+        return self._plans[bool(self.model.training)][1]
+
+    @property
+    def _graph(self) -> fx.Graph:
+        return self._plans[bool(self.model.training)][0]
 
     @property
     def training(self) -> bool:  # type: ignore[override]
@@ -136,7 +158,9 @@ class LayerMasked(nn.Module):
         env: Dict[fx.Node, Any] = {}
         placeholders = iter([Masked(x * keep, keep)])
         load = lambda n: env[n]  # noqa: E731
-        for step in self._steps:
+        mode = bool(self.model.training)
+        graph_steps, output = self._plans[mode][1], self._outputs[mode]
+        for step in graph_steps:
             node = step.node
             if step.kind == "placeholder":
                 env[node] = next(placeholders, node.args[0] if node.args else None)
@@ -148,19 +172,31 @@ class LayerMasked(nn.Module):
                 env[node] = self._call(step, ctx, args, kwargs)
             for dead in step.free:
                 del env[dead]
-        result = fx.node.map_arg(self._output.args[0], load)
+        result = fx.node.map_arg(output.args[0], load)
         return _unmask_output(result)
 
     @staticmethod
     def _call(step: _Step, ctx: Ctx, args: tuple, kwargs: dict) -> Any:
         if step.rule is not None and _any_masked(args, kwargs):
-            ctx.where, ctx.overwritable = step.where, step.overwritable
+            ctx.where, ctx.overwritable, ctx.node = step.where, step.overwritable, step.node
+            if not step.rule.layouts:
+                _require_nchw(ctx, step, args, kwargs)
             return step.rule.run(ctx, step.target, args, kwargs)
-        if _any_masked(args, kwargs):  # only reachable if static analysis was bypassed
-            raise ctx.fail(step.kind, describe_missing(str(step.node.target)))
+        if _any_masked(args, kwargs):  # an input whose maskedness was decided at run time (see _plan)
+            ctx.where = step.where
+            raise ctx.fail(_op_name(step.node, step.target), describe_missing(str(step.node.target)))
         if step.kind == "call_method":
             return getattr(args[0], step.target)(*args[1:], **kwargs)
         return step.target(*args, **kwargs)
+
+
+def _require_nchw(ctx: Ctx, step: _Step, args: tuple, kwargs: dict) -> None:
+    for v in list(args) + list(kwargs.values()):
+        for u in v if isinstance(v, (list, tuple)) else (v,):
+            if isinstance(u, Masked) and u.layout is not None:
+                op = _op_name(step.node, step.target)
+                raise ctx.fail(op, f"its rule needs a (B, C, H, W) map; this one has axes {u.layout} "
+                                   f"(permuted or channel-reshaped)")
 
 
 def _any_masked(args: tuple, kwargs: dict) -> bool:
@@ -196,7 +232,13 @@ def _trace(model: nn.Module) -> fx.Graph:
 
 def _plan(model: nn.Module, graph: fx.Graph) -> List[_Step]:
     modules = dict(model.named_modules())
-    masked: Dict[fx.Node, bool] = {}
+    for node in graph.nodes:
+        if node.op == "call_module":
+            node.meta["layer_masking_module"] = modules[node.target]  # for static checks that look at users
+    # True: masked; False: plain; None: decided when the graph runs (a reduction whose axes depend
+    # on a layout, e.g. a mean over (3, 4) of a channel-reshaped map): ops without a rule are then
+    # refused at the first forward instead of at conversion, with the same message.
+    masked: Dict[fx.Node, Optional[bool]] = {}
     steps: List[_Step] = []
     first_placeholder = True
     for node in graph.nodes:
@@ -213,14 +255,17 @@ def _plan(model: nn.Module, graph: fx.Graph) -> List[_Step]:
             continue
         target, rule = _resolve(node, modules)
         where = _where(node)
-        if not any(masked[n] for n in _input_nodes(node)):
+        states = [masked[n] for n in _input_nodes(node)]
+        if not any(s is not False for s in states):
             masked[node] = False
+        elif not any(s is True for s in states):
+            masked[node] = None
         elif rule is None:
             op = _op_name(node, target)
             raise UserError(f"layer masking does not support {op} at {where}: {describe_missing(str(node.target))}")
         else:
             try:
-                masked[node] = True if rule.static is None else bool(rule.static(node, target))
+                masked[node] = True if rule.static is None else rule.static(node, target)
             except UserError as exc:
                 raise UserError(f"{exc} (at {where})") from None
         steps.append(_Step(node, node.op, target, rule, where))
@@ -280,5 +325,14 @@ def layer_mask(model: nn.Module) -> LayerMasked:
     activation has no layer-masking rule (e.g. attention, flattening a spatial map) or if
     torch.fx cannot trace the model.
     """
-    graph = _trace(model)
-    return LayerMasked(model, graph, _plan(model, graph))
+    modes = {name: m.training for name, m in model.named_modules()}
+    plans: Dict[bool, Tuple[fx.Graph, List[_Step]]] = {}
+    try:
+        for mode in (True, False):
+            model.train(mode)
+            graph = _trace(model)
+            plans[mode] = (graph, _plan(model, graph))
+    finally:
+        for name, m in model.named_modules():  # restore each submodule's own flag (e.g. frozen BN)
+            m.training = modes[name]
+    return LayerMasked(model, plans)

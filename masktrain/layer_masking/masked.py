@@ -16,23 +16,49 @@ training-mode batch norm) calls :func:`clean` first, or zeroes them fused into i
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Hashable, Tuple
+from typing import Any, Callable, Dict, Hashable, Optional, Tuple
 
 from torch import Tensor
+
+Layout = Tuple[str, ...]
+NCHW: Layout = ("B", "C", "H", "W")
 
 
 @dataclass
 class Masked:
-    """Activations ``a`` ``(B, C, h, w)``, zero where the keep mask ``m`` ``(B, 1, h, w)`` is 0."""
+    """Activations ``a``, zero where the keep mask ``m`` ``(B, 1, h, w)`` is 0.
+
+    ``layout`` names the axes of ``a``: ``None`` is ``(B, C, H, W)``; ops that keep every
+    position separate may permute or split the channel axis, e.g. ``("B", "H", "W", "C")``
+    after ``permute(0, 2, 3, 1)`` (ConvNeXt) or ``("B", "C", "C", "H", "W")`` after a
+    channel reshape (split attention). ``B``, ``H`` and ``W`` occur once each; ``C`` any
+    number of times. :func:`mask_view` broadcasts ``m`` to ``a``'s layout.
+    """
 
     a: Tensor
     m: Tensor
     dirty: bool = False  # a may be non-zero where m == 0 (see the module docstring)
+    layout: Optional[Layout] = None  # None: (B, C, H, W)
+
+
+def mask_view(x: Masked) -> Tensor:
+    """The keep mask as a view broadcastable against ``x.a`` (``m`` itself for ``(B, C, H, W)``)."""
+    return x.m if x.layout is None else view_mask(x.m, x.layout)
+
+
+def view_mask(m: Tensor, layout: Layout) -> Tensor:
+    """``m`` ``(B, 1, h, w)`` viewed in ``layout``: size 1 on every ``C`` axis (no copy)."""
+    base = m[:, 0]  # (B, h, w)
+    v = base.permute([("B", "H", "W").index(name) for name in layout if name != "C"])
+    for i, name in enumerate(layout):
+        if name == "C":
+            v = v.unsqueeze(i)
+    return v
 
 
 def clean(x: Masked) -> Masked:
     """``x`` with ``a`` zero at removed positions (a new tensor if it was dirty)."""
-    return Masked(x.a * x.m, x.m) if x.dirty else x
+    return Masked(x.a * mask_view(x), x.m, False, x.layout) if x.dirty else x
 
 
 class MaskCache:
