@@ -2,12 +2,15 @@
 
     python benchmarks/layer_masking.py                      # CUDA if present, else CPU, 2 threads
     python benchmarks/layer_masking.py --threads 2 --repeats 5 --batch 8 --size 224
+    python benchmarks/layer_masking.py --device cuda --batch 64 --precision fp32 bf16   # GPU, both precisions
 
 Times the forward pass (eval, no_grad) and forward+backward (train mode, masked BN
 statistics) of ``layer_mask(resnet50)`` and of the plain model on the same batch. Each
 repeat runs one plain and one masked call back to back (order alternating), and the
 reported ratio is the median of the per-pair ratios, so machine noise hits both alike.
 Also checks that the masked logits with an all-ones mask equal the plain logits.
+``--precision bf16`` runs both models under ``torch.autocast(dtype=bfloat16)`` (the all-ones
+check then reports the relative error, as bf16 rounds differently along the two graphs).
 
 On a CPU shared with other busy processes, ``--threads 2`` on 2 cores is dominated by
 scheduling: every op's parallel region waits for a descheduled thread, which penalises
@@ -18,7 +21,9 @@ ratios there; compare against a baseline only within one run or back-to-back run
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
+import sys
 import time
 from typing import Callable, List, Tuple
 
@@ -69,6 +74,22 @@ def _report(label: str, p_times: List[float], m_times: List[float]) -> float:
     return ratio
 
 
+def pick_device(name: str) -> torch.device:
+    """``auto`` = CUDA when present, else CPU; ``cuda`` without a GPU exits with a message."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit(f"--device {name}: no CUDA device is available to torch {torch.__version__}")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, precision: str):
+    """``torch.autocast`` to bfloat16 for ``bf16``; nothing for ``fp32``."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
@@ -76,10 +97,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--arch", default="resnet50")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
+    parser.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
+                        help="one or more of fp32, bf16 (bf16 = torch.autocast to bfloat16)")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(args.device)
     torch.manual_seed(0)
     model = timm.create_model(args.arch, pretrained=False, num_classes=1000).to(device)
     masked = layer_mask(model)
@@ -88,24 +112,35 @@ def main() -> None:
     keep = _patch_keep(args.batch, args.size, 16, g).to(device)
     print(f"{args.arch}, batch {args.batch}, {args.size}², device {device}"
           f"{'' if device.type == 'cuda' else f', {args.threads} threads'}, {args.repeats} pairs")
+    for precision in args.precision:
+        measure(model, masked, x, keep, precision, args.repeats, device)
 
+
+def measure(model, masked, x: torch.Tensor, keep: torch.Tensor, precision: str, repeats: int, device: torch.device) -> None:
+    """Print forward and forward+backward ratios (masked / plain) for one precision."""
+    print(f"-- {precision}")
     model.eval()
-    with torch.no_grad():
-        plain_logits = model(x)
-        same = torch.equal(masked(x, torch.ones_like(keep)), plain_logits)
-        rel = ((masked(x, torch.ones_like(keep)) - plain_logits).norm() / plain_logits.norm()).item()
+    with torch.no_grad(), autocast(device, precision):
+        plain_logits = model(x).float()
+        ones = masked(x, torch.ones_like(keep)).float()
+        same = torch.equal(ones, plain_logits)
+        rel = ((ones - plain_logits).norm() / plain_logits.norm()).item()
         print(f"all-ones mask: logits identical: {same} (rel err {rel:.2e})")
-        fwd = _report("forward (eval)", *_pairs(lambda: model(x), lambda: masked(x, keep), args.repeats, device))
+        fwd = _report(f"forward (eval) {precision}", *_pairs(lambda: model(x), lambda: masked(x, keep), repeats, device))
 
     model.train()
 
     def plain_step() -> None:
-        model(x).square().mean().backward()
+        with autocast(device, precision):
+            loss = model(x).float().square().mean()
+        loss.backward()
 
     def masked_step() -> None:
-        masked(x, keep).square().mean().backward()
+        with autocast(device, precision):
+            loss = masked(x, keep).float().square().mean()
+        loss.backward()
 
-    both = _report("forward+backward", *_pairs(plain_step, masked_step, args.repeats, device))
+    both = _report(f"forward+backward {precision}", *_pairs(plain_step, masked_step, repeats, device))
     print(f"goal: forward <= 1.25x ({'met' if fwd <= 1.25 else 'not met'}), "
           f"forward+backward <= 1.15x ({'met' if both <= 1.15 else 'not met'})")
 
