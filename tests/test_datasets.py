@@ -380,3 +380,18 @@ def test_num_classes_is_inferred_and_an_explicit_value_must_agree(tmp_path, fmt,
     assert MaskDataModule(dataset=make, num_classes=expected, num_workers=0).dataset("train") is not None
     with pytest.raises(UserError, match=f"data.num_classes={expected + 1} but the {fmt} dataset has {expected} classes"):
         MaskDataModule(dataset=make, num_classes=expected + 1, num_workers=0, name=fmt).dataset("train")
+
+
+def test_evaluate_timm_model_on_a_folder_takes_num_classes_from_the_data(tmp_path):
+    """evaluate.py without a checkpoint builds the timm model after the data, so a 3-class
+    folder gives a 3-output head with no data.num_classes on the command line."""
+    write_folder_dataset(tmp_path / "data")
+    torch.save(create_model("resnet18", 3).state_dict(), tmp_path / "w.pth")
+    out = tmp_path / "report"
+    proc = run_cli("evaluate.py", ["model.name=resnet18", f"model.checkpoint_path={tmp_path / 'w.pth'}", "data=folder",
+                                   f"data.root={tmp_path / 'data'}", "data.dataset.image_size=32", "data.num_workers=0",
+                                   "data.dataset.test_fraction=0.5", "probes=[object_removal]", "methods=[grey]",
+                                   "n_images=4", "n_boot=20", f"hydra.run.dir={out}"], tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["dataset"]["num_classes"] == 3 and report["model"]["num_classes"] == 3
