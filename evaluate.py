@@ -120,14 +120,18 @@ def build_model_and_data(cfg: DictConfig) -> tuple[Any, Any, dict]:
             data_cfg = OmegaConf.merge(OmegaConf.create(saved), OmegaConf.from_dotlist([d[len("data."):] for d in dotted]))
     else:
         data_cfg = cfg.data
-        model = instantiate(cfg.model)
-        source = {"timm": OmegaConf.to_container(cfg.model, resolve=True)}
     try:
         datamodule = instantiate(data_cfg)
     except UserError:
         raise
     except Exception as exc:
         raise UserError(f"cannot build the dataset from the data config: {str(exc).splitlines()[0][:300]}") from exc
+    if not cfg.checkpoint:
+        from masktrain.training import resolve_num_classes
+
+        resolve_num_classes(cfg, datamodule)  # data.num_classes=null: the head gets the data's count
+        model = instantiate(cfg.model)
+        source = {"timm": OmegaConf.to_container(cfg.model, resolve=True)}
     # Resolve in place: cfg.data may interpolate root keys (${seed}) that a detached copy cannot see.
     source["data"] = OmegaConf.to_container(data_cfg, resolve=True) if OmegaConf.is_config(data_cfg) else data_cfg
     return model, datamodule, source

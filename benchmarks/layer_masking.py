@@ -3,6 +3,7 @@
     python benchmarks/layer_masking.py                      # CUDA if present, else CPU, 2 threads
     python benchmarks/layer_masking.py --threads 2 --repeats 5 --batch 8 --size 224
     python benchmarks/layer_masking.py --archs resnet50 --backward resnet50
+    python benchmarks/layer_masking.py --device cuda --arch resnet50 --batch 64 --precision fp32 bf16   # GPU, both precisions
 
 For each of ``--archs`` (default ResNet-50, EfficientNet-B0, DenseNet-121, ConvNeXt-T) it
 times the forward pass (eval, no_grad) of ``layer_mask(model)`` and of the plain model on
@@ -10,7 +11,9 @@ the same batch (random 16×16 patches, about half removed); for the archs in ``-
 (default ResNet-50) also forward+backward (train mode, masked BN statistics). Each repeat
 runs one plain and one masked call back to back (order alternating), and the reported ratio
 is the median of the per-pair ratios, so machine noise hits both alike. Also checks that the
-masked logits with an all-ones mask equal the plain logits.
+masked logits with an all-ones mask equal the plain logits. ``--precision bf16`` runs both
+models under ``torch.autocast(dtype=bfloat16)`` (the all-ones check then reports the relative
+error, as bf16 rounds differently along the two graphs).
 
 On a CPU shared with other busy processes, ``--threads 2`` on 2 cores is dominated by
 scheduling: every op's parallel region waits for a descheduled thread, which penalises
@@ -21,7 +24,9 @@ ratios there; compare against a baseline only within one run or back-to-back run
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
+import sys
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -85,7 +90,23 @@ def _goal(label: str, ratio: float, goal: Optional[float]) -> str:
     return "" if goal is None else f"   goal <= {goal}x: {'met' if ratio <= goal else 'NOT met'}"
 
 
-def bench_arch(arch: str, args: argparse.Namespace, device: torch.device, backward: bool) -> Dict[str, float]:
+def pick_device(name: str) -> torch.device:
+    """``auto`` = CUDA when present, else CPU; ``cuda`` without a GPU exits with a message."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        sys.exit(f"--device {name}: no CUDA device is available to torch {torch.__version__}")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, precision: str):
+    """``torch.autocast`` to bfloat16 for ``bf16``; nothing for ``fp32``."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def bench_arch(arch: str, args: argparse.Namespace, device: torch.device, backward: bool, precision: str) -> Dict[str, float]:
     torch.manual_seed(0)
     model = timm.create_model(arch, pretrained=False, num_classes=1000).to(device)
     masked = layer_mask(model)
@@ -93,26 +114,30 @@ def bench_arch(arch: str, args: argparse.Namespace, device: torch.device, backwa
     x = torch.randn(args.batch, 3, args.size, args.size, generator=g).to(device)
     keep = _patch_keep(args.batch, args.size, 16, g).to(device)
     goal_fwd, goal_both = GOALS.get(arch, (None, None))
-    print(f"--- {arch}")
+    print(f"--- {arch} {precision}")
     model.eval()
     result: Dict[str, float] = {}
-    with torch.no_grad():
-        plain_logits = model(x)
-        ones = masked(x, torch.ones_like(keep))
+    with torch.no_grad(), autocast(device, precision):
+        plain_logits = model(x).float()
+        ones = masked(x, torch.ones_like(keep)).float()
         rel = ((ones - plain_logits).norm() / plain_logits.norm()).item()
         print(f"all-ones mask: logits identical: {torch.equal(ones, plain_logits)} (rel err {rel:.2e})")
-        result["forward"] = _report("forward (eval)", *_pairs(lambda: model(x), lambda: masked(x, keep), args.repeats, device))
+        result["forward"] = _report(f"forward (eval) {precision}", *_pairs(lambda: model(x), lambda: masked(x, keep), args.repeats, device))
         print(_goal("forward", result["forward"], goal_fwd).strip())
     if backward:
         model.train()
 
         def plain_step() -> None:
-            model(x).square().mean().backward()
+            with autocast(device, precision):
+                loss = model(x).float().square().mean()
+            loss.backward()
 
         def masked_step() -> None:
-            masked(x, keep).square().mean().backward()
+            with autocast(device, precision):
+                loss = masked(x, keep).float().square().mean()
+            loss.backward()
 
-        result["forward+backward"] = _report("forward+backward", *_pairs(plain_step, masked_step, args.repeats, device))
+        result["forward+backward"] = _report(f"forward+backward {precision}", *_pairs(plain_step, masked_step, args.repeats, device))
         print(_goal("forward+backward", result["forward+backward"], goal_both).strip())
     return result
 
@@ -124,17 +149,21 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--archs", nargs="+", default=list(GOALS), help="timm model names")
+    parser.add_argument("--arch", dest="archs", nargs=1, help="one timm model name (same as --archs NAME)")
     parser.add_argument("--backward", nargs="*", default=["resnet50"], help="archs also timed forward+backward")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
+    parser.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
+                        help="one or more of fp32, bf16 (bf16 = torch.autocast to bfloat16)")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(args.device)
     print(f"batch {args.batch}, {args.size}², device {device}"
           f"{'' if device.type == 'cuda' else f', {args.threads} threads'}, {args.repeats} pairs, random 16x16 patches")
-    results = {arch: bench_arch(arch, args, device, arch in args.backward) for arch in args.archs}
+    results = {(arch, p): bench_arch(arch, args, device, arch in args.backward, p) for arch in args.archs for p in args.precision}
     print("summary (masked / plain, median of pairs):")
-    for arch, r in results.items():
-        print(f"  {arch:<18} " + "   ".join(f"{k} {v:.3f}x" for k, v in r.items()))
+    for (arch, p), r in results.items():
+        print(f"  {arch:<18} {p:<5} " + "   ".join(f"{k} {v:.3f}x" for k, v in r.items()))
 
 
 if __name__ == "__main__":

@@ -42,7 +42,8 @@ def load_classifier(path: str | os.PathLike, map_location: str | torch.device = 
     ckpt = read_checkpoint(path)
     config = ckpt["hyper_parameters"]["config"]
     model_cfg = config.get("model", {})
-    model = create_model(model_cfg["name"], num_classes=int(config["data"]["num_classes"]))
+    model = create_model(model_cfg["name"], num_classes=int(config["data"]["num_classes"]),
+                         channels_last=bool(model_cfg.get("channels_last", False)))
     state = {k[len("model."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)

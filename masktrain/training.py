@@ -54,6 +54,8 @@ def validate_config(cfg: DictConfig) -> None:
         raise UserError(f"model.name={name!r} is not a timm model" + (f" (similar: {', '.join(close)})" if close else ""))
     for key in ("trainer.max_epochs", "data.batch_size", "data.num_classes", "seed"):
         value = OmegaConf.select(cfg, key)
+        if key == "data.num_classes" and value is None:
+            continue  # taken from the data once the datamodule is built (resolve_num_classes)
         check(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
               f"{key}={value!r} must be a non-negative integer")
     check(int(cfg.trainer.max_epochs) >= 1, f"trainer.max_epochs={cfg.trainer.max_epochs} must be >= 1")
@@ -65,10 +67,20 @@ def validate_config(cfg: DictConfig) -> None:
         # Converting is cheap next to training and finds unsupported layers before any output exists.
         from masktrain.layer_masking import layer_mask
 
-        layer_mask(timm.create_model(name, num_classes=int(cfg.data.num_classes)))
+        layer_mask(timm.create_model(name, num_classes=int(cfg.data.num_classes or 2)))  # the head size does not matter here
     for key in ("init_from", "ckpt_path"):
         if cfg.get(key):
             check(Path(cfg[key]).is_file(), f"{key}={cfg[key]!r} does not exist; give a checkpoint file")
+
+
+def resolve_num_classes(cfg: DictConfig, datamodule: Any) -> int:
+    """Set ``cfg.data.num_classes`` from the datamodule when it is null, so the model head
+    (``model.num_classes: ${data.num_classes}``) and the saved config get the data's count."""
+    k = int(datamodule.num_classes)
+    if OmegaConf.select(cfg, "data.num_classes") is None:
+        with open_dict(cfg):
+            cfg.data.num_classes = k
+    return k
 
 
 def _resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
@@ -160,6 +172,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
     datamodule = hydra.utils.instantiate(cfg.data)
     for split in ("train", "val"):  # bad data fails here, in one line, before the trainer starts
         datamodule.dataset(split)
+    resolve_num_classes(cfg, datamodule)
     model = hydra.utils.instantiate(cfg.model, checkpoint_path=init_from or cfg.model.get("checkpoint_path"))
     augment, val_mask = build_masks(cfg.mask)
     module = MaskTrainModule(

@@ -194,3 +194,57 @@ def write_coco(root: Path, set_name: str = "val2017", per_class: int = 5, start_
     data = {"info": {}, "licenses": [], "images": images, "annotations": annotations, "categories": list(COCO_CATEGORIES)}
     (root / "annotations" / f"instances_{set_name}.json").write_text(json.dumps(data))
     return written
+
+
+# ImageNet-S-50's categories as released (data/categories/ImageNetS_categories_im50.txt of
+# github.com/LUSSeg/ImageNet-S): sorted, so class id i (1-based) is the i-th wnid.
+IMAGENET_S50 = tuple("""
+n01443537 n01491361 n01531178 n01644373 n02104029 n02119022 n02123597 n02133161 n02165456 n02281406
+n02325366 n02342885 n02396427 n02483362 n02504458 n02510455 n02690373 n02747177 n02783161 n02814533
+n02859443 n02917067 n02992529 n03014705 n03047690 n03095699 n03197337 n03201208 n03445777 n03452741
+n03584829 n03630383 n03775546 n03791053 n03874599 n03891251 n04026417 n04335435 n04380533 n04404412
+n04447861 n04507155 n04522168 n04557648 n04562935 n04612504 n06794110 n07749582 n07831146 n12998815
+""".split())
+IMAGENET_S_IGNORE = 1000
+
+
+def _imagenet_s_rgb(ids: np.ndarray) -> np.ndarray:
+    """Class ids ``(H, W)`` -> the release's RGB encoding ``(H, W, 3)``: R = id % 256, G = id // 256, B = 0."""
+    rgb = np.zeros(ids.shape + (3,), dtype=np.uint8)
+    rgb[..., 0], rgb[..., 1] = ids % 256, ids // 256
+    return rgb
+
+
+def write_imagenet_s(root: Path, release: int = 50, categories: tuple[str, ...] = IMAGENET_S50,
+                     used: tuple[int, ...] | None = None, per_class: int = 3) -> dict:
+    """The ImageNet-S release layout under ``root/ImageNetS<release>``: ``validation/<wnid>/
+    ILSVRC2012_val_<8 digits>.JPEG`` and ``validation-segmentation/<wnid>/<same stem>.png``, RGB
+    masks with class id = R + 256 G (0 other, 1000 ignore).
+
+    ``categories`` is the release's sorted wnid list; images are written for the class
+    positions ``used`` (default: all). Each mask holds the image's own class (its 1-based
+    position) as a rectangle whose width grows with the position, a 1-pixel ignore ring around
+    it, and a small object of another class in the corner. Returns ``{"<wnid>/<file>":
+    (0-based class position, own-class mask bool (H, W))}``."""
+    rng = np.random.default_rng(4)
+    base = root / f"ImageNetS{release}"
+    used = tuple(range(len(categories))) if used is None else used
+    written, serial = {}, 0
+    for wnid in categories:  # the release creates a folder for every category
+        (base / "validation" / wnid).mkdir(parents=True, exist_ok=True)
+        (base / "validation-segmentation" / wnid).mkdir(parents=True, exist_ok=True)
+    for rank, k in enumerate(used):
+        wnid, own = categories[k], k + 1
+        other = used[(rank + 1) % len(used)] + 1
+        for i in range(per_class):
+            serial += 1
+            stem = f"ILSVRC2012_val_{serial * 37 % 50000:08d}"
+            mask = _rect(5 + i % 6, 3 + i % 5, 20, 8 + 6 * (rank % 5))
+            ids = np.zeros((H, W), dtype=np.int64)
+            ids[30:36, 38:44] = other
+            ids[_border(mask)] = IMAGENET_S_IGNORE
+            ids[mask] = own
+            _image(rng, mask, (180, 30 * (rank % 8), 70)).save(base / "validation" / wnid / f"{stem}.JPEG", quality=95)
+            Image.fromarray(_imagenet_s_rgb(ids), mode="RGB").save(base / "validation-segmentation" / wnid / f"{stem}.png")
+            written[f"{wnid}/{stem}.JPEG"] = (k, mask)
+    return written

@@ -12,10 +12,11 @@ import torch
 from PIL import Image
 
 from conftest import REPO, run_cli
-from dataset_fixtures import SIZE, write_coco, write_folder_dataset, write_oxford_pet, write_voc
+from dataset_fixtures import IMAGENET_S50, SIZE, write_coco, write_folder_dataset, write_imagenet_s, write_oxford_pet, write_voc
 from masktrain.data.coco import COCODataset, coco
 from masktrain.data.datamodule import MaskDataModule
 from masktrain.data.folder import FolderDataset, folder
+from masktrain.data.imagenet_s import imagenet_s
 from masktrain.data.io import open_image, read_object_mask
 from masktrain.data.oxford_pet import OxfordPetDataset, oxford_pet
 from masktrain.data.voc import VOCDataset, voc
@@ -33,6 +34,8 @@ def _write(fmt: str, root: Path) -> dict:
         written = write_coco(root, "val2017", start_id=1)
         written.update(write_coco(root, "train2017", start_id=50, per_class=6))
         return written
+    if fmt == "imagenet_s":  # data.root = the folder holding ImageNetS50/ (the download's top level)
+        return write_imagenet_s(root, per_class=2)
     return {"folder": write_folder_dataset, "oxford_pet": write_oxford_pet, "voc": write_voc}[fmt](root)
 
 
@@ -42,6 +45,7 @@ FACTORIES = {
     "oxford_pet": (oxford_pet, dict(val_fraction=0.3), 4),
     "voc": (voc, dict(val_fraction=0.3), 20),
     "coco": (coco, dict(val_fraction=0.3), 3),
+    "imagenet_s": (imagenet_s, dict(val_fraction=0.25, test_fraction=0.25), 50),
 }
 
 
@@ -185,13 +189,12 @@ def test_recipe_builds_the_dataset(tmp_path, fmt):
 
     _write(fmt, tmp_path)
     overrides = [f"data={fmt}", f"data.root={tmp_path}", "data.dataset.image_size=32", "data.dataset.val_fraction=0.3"]
-    if fmt == "folder":
-        overrides.append("data.num_classes=3")
     with initialize_config_dir(config_dir=str(REPO / "recipes"), version_base=None):
         cfg = compose(config_name="train", overrides=overrides)
+    assert cfg.data.num_classes is None  # taken from the data: no data.num_classes=<K> needed
     dm = instantiate(cfg.data)
     ds = dm.dataset("train")
-    assert ds.num_classes <= dm.num_classes and ds[0][0].shape == (3, 32, 32)
+    assert dm.num_classes == ds.num_classes == FACTORIES[fmt][2] and ds[0][0].shape == (3, 32, 32)
     assert dm.mean == (0.485, 0.456, 0.406) and cfg.data.batch_size == 32 and cfg.data.dataset.image_size == 32
 
 
@@ -205,10 +208,13 @@ def _break(fmt: str, case: str, root: Path) -> tuple[dict, str]:
         "oxford_pet": (root / "images/Bengal_2.jpg", root / "annotations/trimaps/Bengal_2.png"),
         "voc": (root / "JPEGImages/2007_010001.jpg", root / "SegmentationObject/2007_010001.png"),
         "coco": (root / "train2017/000000000057.jpg", None),
+        # class position 1, its first image (write_imagenet_s numbers images 37 * serial % 50000)
+        "imagenet_s": (root / "ImageNetS50/validation/n01491361/ILSVRC2012_val_00000111.JPEG",
+                       root / "ImageNetS50/validation-segmentation/n01491361/ILSVRC2012_val_00000111.png"),
     }[fmt]
     image, mask = victim
     if case == "missing_image":
-        if fmt == "folder":  # a folder has no list; its "list names a missing file" case is a missing mask
+        if fmt in ("folder", "imagenet_s"):  # a folder has no list; its "list names a missing file" case is a missing mask
             mask.unlink()
             return {}, "has no mask"
         image.unlink()
@@ -216,6 +222,8 @@ def _break(fmt: str, case: str, root: Path) -> tuple[dict, str]:
     if case == "size_mismatch":
         if fmt == "coco":  # the JSON records 48×40; the file on disk is another size
             Image.new("RGB", (20, 10)).save(image)
+        elif fmt == "imagenet_s":  # the release's RGB encoding, at the wrong size
+            Image.fromarray(np.zeros((10, 20, 3), dtype=np.uint8), mode="RGB").save(mask)
         elif fmt == "voc":
             img = Image.fromarray(np.zeros((10, 20), dtype=np.uint8), mode="P")
             img.putpalette([0, 0, 0] * 256)
@@ -250,7 +258,7 @@ def test_bad_sample_raises_naming_the_file_or_is_skipped(tmp_path, caplog, fmt, 
     _write(fmt, tmp_path)
     factory, kw, _ = FACTORIES[fmt]
     kw = dict(kw, image_size=32, val_fraction=0.0)
-    if fmt == "folder":
+    if fmt in ("folder", "imagenet_s"):
         kw["test_fraction"] = 0.0
     n_clean = len(factory("train", root=str(tmp_path), **kw).entries)
     extra, fragment = _break(fmt, case, tmp_path)
@@ -279,7 +287,7 @@ def test_missing_or_unset_root(tmp_path, fmt):
         factory("train", root=None)
     with pytest.raises(UserError, match="does not exist"):
         factory("train", root=str(tmp_path / "nope"))
-    with pytest.raises(UserError, match="does not exist|needs images"):  # a directory without the format's files
+    with pytest.raises(UserError, match="does not exist|needs images|needs validation"):  # a directory without the format's files
         factory("train", root=str(tmp_path))
 
 
@@ -325,3 +333,65 @@ def test_read_object_mask_any_nonzero_in_grey_palette_and_rgb_files(tmp_path):
     with pytest.raises(UserError, match=r"is 48×40 \(W×H\) but its image is 40×40"):
         read_object_mask(tmp_path / "grey.png", (H, H))
     assert open_image(tmp_path / "rgb.png").shape == (3, H, W)
+
+
+# -- data.num_classes from the data --------------------------------------------------------
+
+def test_train_on_a_three_class_folder_takes_num_classes_from_the_folders(tmp_path):
+    """The issue's case: data=folder on 3 class folders needs no data.num_classes, and the model
+    head, the saved config and the checkpoint all get 3."""
+    from omegaconf import OmegaConf
+
+    from masktrain.checkpoint import load_classifier
+    from masktrain.cli import compose
+    from masktrain.training import train
+
+    write_folder_dataset(tmp_path / "data")
+    overrides = ["recipe=mask_aug", "data=folder", f"data.root={tmp_path / 'data'}", "data.dataset.image_size=16",
+                 "data.dataset.val_fraction=0.25", "data.dataset.test_fraction=0.25", "data.batch_size=4",
+                 "data.num_workers=0", "trainer.max_epochs=1", "trainer.enable_progress_bar=false",
+                 "trainer.accelerator=cpu", "logger=none"]
+    metrics = train(compose("train", overrides), tmp_path / "run")
+    assert metrics["global_step"] >= 1 and 0 <= metrics["test/acc_clean"] <= 1
+    model, config = load_classifier(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert model.num_classes == 3 and config["data"]["num_classes"] == 3 and config["model"]["num_classes"] == 3
+    assert model(torch.rand(2, 3, 16, 16)).shape == (2, 3)
+    assert OmegaConf.load(tmp_path / "run" / "config.yaml").data.num_classes == 3
+    with pytest.raises(UserError, match=r"data.num_classes=2 but the folder dataset has 3 classes; pass data.num_classes=3"):
+        train(compose("train", overrides + ["data.num_classes=2"]), tmp_path / "bad")
+    with pytest.raises(UserError, match=r"data.num_classes=5 but the folder dataset has 3 classes"):
+        train(compose("train", overrides + ["data.num_classes=5"]), tmp_path / "bad")
+
+
+@pytest.mark.parametrize("fmt, kw, expected", [
+    ("oxford_pet", dict(target="species"), 2),
+    ("oxford_pet", dict(target="breed"), 4),
+    ("voc", {}, 20),
+    ("coco", {}, 3),
+    ("folder", {}, 3),
+])
+def test_num_classes_is_inferred_and_an_explicit_value_must_agree(tmp_path, fmt, kw, expected):
+    _write(fmt, tmp_path)
+    factory, base, _ = FACTORIES[fmt]
+    make = functools.partial(factory, root=str(tmp_path), image_size=32, **base, **kw)
+    dm = MaskDataModule(dataset=make, num_workers=0, name=fmt)
+    assert dm.num_classes == expected
+    assert all(dm.dataset(s).num_classes == expected for s in ("val", "test"))  # every split agrees
+    assert MaskDataModule(dataset=make, num_classes=expected, num_workers=0).dataset("train") is not None
+    with pytest.raises(UserError, match=f"data.num_classes={expected + 1} but the {fmt} dataset has {expected} classes"):
+        MaskDataModule(dataset=make, num_classes=expected + 1, num_workers=0, name=fmt).dataset("train")
+
+
+def test_evaluate_timm_model_on_a_folder_takes_num_classes_from_the_data(tmp_path):
+    """evaluate.py without a checkpoint builds the timm model after the data, so a 3-class
+    folder gives a 3-output head with no data.num_classes on the command line."""
+    write_folder_dataset(tmp_path / "data")
+    torch.save(create_model("resnet18", 3).state_dict(), tmp_path / "w.pth")
+    out = tmp_path / "report"
+    proc = run_cli("evaluate.py", ["model.name=resnet18", f"model.checkpoint_path={tmp_path / 'w.pth'}", "data=folder",
+                                   f"data.root={tmp_path / 'data'}", "data.dataset.image_size=32", "data.num_workers=0",
+                                   "data.dataset.test_fraction=0.5", "probes=[object_removal]", "methods=[grey]",
+                                   "n_images=4", "n_boot=20", f"hydra.run.dir={out}"], tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["dataset"]["num_classes"] == 3 and report["model"]["num_classes"] == 3

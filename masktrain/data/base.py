@@ -60,6 +60,9 @@ class MaskedImageDataset(Dataset):
     """
 
     dataset_name = "dataset"
+    #: True when labels index a larger model's outputs (``class_index_file``): a configured
+    #: ``data.num_classes`` then needs only to exceed every label, not equal the class count.
+    labels_index_larger_model = False
 
     def __init__(self, split: str, image_size: int = 224, crop_scale: tuple[float, float] = (0.5, 1.0),
                  limit: int | None = None, skip_bad: bool = False) -> None:

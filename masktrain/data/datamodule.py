@@ -47,14 +47,17 @@ class MaskDataModule(L.LightningDataModule):
     Args:
         dataset: factory (a Hydra ``_partial_``) returning a Dataset for a split name, or the
             name of a registered factory (:data:`masktrain.data.DATASETS`).
-        num_classes: number of classes the dataset's labels index.
+        num_classes: number of model outputs the labels index; ``None`` = take it from the
+            data (:attr:`num_classes` builds the first split to find it). An explicit value
+            must equal the dataset's count, or, for a dataset whose labels index a larger
+            model (``class_index_file``), be at least its highest label + 1.
         mean: dataset mean colour in [0, 1] (the ``grey`` fill).
     """
 
     def __init__(
         self,
         dataset: Callable[..., Dataset] | str,
-        num_classes: int,
+        num_classes: int | None = None,
         name: str = "dataset",
         batch_size: int = 128,
         eval_batch_size: int | None = None,
@@ -73,7 +76,11 @@ class MaskDataModule(L.LightningDataModule):
 
             dataset = DATASETS.get(dataset)
         self.dataset_factory = dataset
-        self.name, self.num_classes = name, int(num_classes)
+        check(num_classes is None or (isinstance(num_classes, int) and num_classes >= 1),
+              f"data.num_classes={num_classes!r} must be a positive integer, or null to take it from the data")
+        self.name = name
+        self._explicit_classes = None if num_classes is None else int(num_classes)
+        self._found_classes: int | None = None
         self.batch_size = int(batch_size)
         self.eval_batch_size = int(eval_batch_size or 2 * batch_size)
         self.num_workers, self.pin_memory = int(num_workers), bool(pin_memory)
@@ -86,11 +93,41 @@ class MaskDataModule(L.LightningDataModule):
         check(split in SPLIT_NAMES, f"split {split!r} is unknown; choose one of {list(SPLIT_NAMES)}")
         if split not in self._sets:
             ds = self.dataset_factory(split=split)
-            found = getattr(ds, "num_classes", None)
-            check(found is None or found <= self.num_classes,
-                  f"data.num_classes={self.num_classes} but the {self.name} dataset has {found} classes; pass data.num_classes={found}")
+            self._check_classes(ds, split)
             self._sets[split] = ds
         return self._sets[split]
+
+    @property
+    def num_classes(self) -> int:
+        """Number of model outputs: ``data.num_classes`` when given, else the data's own count
+        (building the train split if no split is built yet)."""
+        if self._explicit_classes is not None:
+            return self._explicit_classes
+        if self._found_classes is None:
+            self.dataset("train")
+        check(self._found_classes is not None,
+              f"the {self.name} dataset does not say how many classes it has; pass data.num_classes=<K>")
+        return int(self._found_classes)
+
+    def _check_classes(self, ds: Dataset, split: str) -> None:
+        found = getattr(ds, "num_classes", None)
+        if found is None:
+            return
+        found = int(found)
+        # Labels that index a larger model's outputs (a class index file) need only fit in it.
+        at_least = bool(getattr(ds, "labels_index_larger_model", False))
+        explicit = self._explicit_classes
+        if explicit is not None:
+            ok = found <= explicit if at_least else found == explicit
+            check(ok, f"data.num_classes={explicit} but the {self.name} dataset has "
+                      f"{'labels up to ' + str(found - 1) if at_least else str(found) + ' classes'}; "
+                      f"pass data.num_classes={found}, or data.num_classes=null to take it from the data")
+        elif self._found_classes is None:
+            self._found_classes = found
+        else:
+            check(found == self._found_classes,
+                  f"the {self.name} dataset's {split} split has {found} classes but another split has "
+                  f"{self._found_classes}; the splits must share one label set (or pass data.num_classes=<K>)")
 
     def _loader(self, split: str, shuffle: bool, epoch: int = 0) -> DataLoader:
         ds = self.dataset(split)

@@ -85,6 +85,7 @@ class FolderDataset(MaskedImageDataset):
             unknown = [c for c in self.classes if c not in index]
             check(not unknown, f"classes {unknown[:5]} are missing from data.dataset.class_index_file={str(class_index_file)!r}")
             self.class_to_index = {c: index[c] for c in self.classes}
+            self.labels_index_larger_model = True
         else:
             self.class_to_index = {c: i for i, c in enumerate(self.classes)}
         candidates: list[tuple[Path, str]] = []
