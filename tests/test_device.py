@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from masktrain.fills import FILLS, fill
 from masktrain.layer_masking import layer_mask
 from masktrain.lit_module import MaskTrainModule
-from masktrain.masks import MASK_GENERATORS, RandomKeepMask, make_keep_masks
+from masktrain.masks import MASK_KINDS, RandomKeepMask, make_keep_masks
 from masktrain.models import create_model
 from masktrain.rng import step_generator
 
@@ -49,7 +49,7 @@ def _batch(seed: int = 0, size: int = 32, batch: int = 6) -> tuple[torch.Tensor,
     return images, keep
 
 
-@pytest.mark.parametrize("method", sorted(FILLS))
+@pytest.mark.parametrize("method", sorted(FILLS.names()))
 def test_fill_on_device_keeps_visible_pixels_and_ignores_removed_ones(method):
     images, keep = _batch()
     images, keep = images.to(DEVICE), keep.to(DEVICE)
@@ -85,7 +85,7 @@ def test_lazy_box_fill_on_device_equals_the_dense_fill(method):
     assert torch.allclose(a, b, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", sorted(MASK_GENERATORS))
+@pytest.mark.parametrize("kind", sorted(MASK_KINDS.names()))
 def test_mask_generators_on_device(kind):
     objects = (torch.rand(5, 1, 24, 24, device=DEVICE) > 0.5).float()
     a = make_keep_masks(kind, 5, (24, 24), step_generator(0, 0, 0, DEVICE), DEVICE, object_masks=objects)
