@@ -16,6 +16,7 @@ from torch import Tensor
 from masktrain.erase import erase_
 from masktrain.errors import UserError
 from masktrain.masks import BoxKeep
+from masktrain.noisy_linear import noisy_linear as _noisy_linear
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 
@@ -128,6 +129,13 @@ def blur(images: Tensor, keep: Tensor, generator=None, mean=IMAGENET_MEAN, sigma
     return torch.where(den > 1e-4, colour, _mean_colour(images, mean).expand_as(images))
 
 
+@register_fill("noisy_linear")
+def noisy_linear(images: Tensor, keep: Tensor, generator=None, mean=IMAGENET_MEAN, noise_std: float = 0.01, **options) -> Tensor:
+    """ROAD's noisy linear imputation (:mod:`masktrain.noisy_linear`): each removed pixel is the
+    weighted mean of its 8 neighbours, plus Gaussian noise ``noise_std`` (0 allowed)."""
+    return _noisy_linear(images, keep, noise_std=noise_std, generator=generator, fallback=mean, **options)
+
+
 def fill(
     images: Tensor,
     keep: "Tensor | BoxKeep",
@@ -135,6 +143,7 @@ def fill(
     generator: torch.Generator | None = None,
     mean: Sequence[float] = IMAGENET_MEAN,
     inplace: bool = False,
+    **options,
 ) -> Tensor:
     """Fill removed pixels of ``images`` ``(B, 3, H, W)`` where ``keep`` ``(B, 1, H, W)`` is 0.
 
@@ -144,15 +153,22 @@ def fill(
 
     ``keep`` may be a :class:`~masktrain.masks.BoxKeep`: a one-colour fill then writes the
     boxes' pixels only (the same result, without reading or writing the rest of the batch).
+
+    ``options`` go to the fill function, e.g. ``fill(images, keep, "noisy_linear", noise_std=0.0)``.
     """
     if method not in FILLS:
         raise UserError(f"fill {method!r} is unknown; choose one of {sorted(FILLS)}")
     if isinstance(keep, BoxKeep):
         if method in COLOUR_FILLS:
             target = images if inplace else images.clone()
-            return erase_(target, keep.boxes, COLOUR_FILLS[method](images, generator, mean))
+            return erase_(target, keep.boxes, COLOUR_FILLS[method](images, generator, mean, **options))
         keep = keep.dense(images.dtype)
-    colour = FILLS[method](images, keep, generator=generator, mean=mean)
+    try:
+        colour = FILLS[method](images, keep, generator=generator, mean=mean, **options)
+    except TypeError as exc:
+        if options and "unexpected keyword" in str(exc):
+            raise UserError(f"fill {method!r} does not take the option(s) {sorted(options)}: {exc}") from exc
+        raise
     return torch.where(keep.bool(), images, colour, out=images if inplace else None)
 
 
