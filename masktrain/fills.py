@@ -159,9 +159,9 @@ def fill(
     if method not in FILLS:
         raise UserError(f"fill {method!r} is unknown; choose one of {sorted(FILLS)}")
     if isinstance(keep, BoxKeep):
-        if method in COLOUR_FILLS:
+        if method in COLOUR_FILLS and not options:
             target = images if inplace else images.clone()
-            return erase_(target, keep.boxes, COLOUR_FILLS[method](images, generator, mean, **options))
+            return erase_(target, keep.boxes, COLOUR_FILLS[method](images, generator, mean))
         keep = keep.dense(images.dtype)
     try:
         colour = FILLS[method](images, keep, generator=generator, mean=mean, **options)
