@@ -184,3 +184,74 @@ def test_mass_inside_and_topk_iou():
     iou = topk_iou(a, obj)
     assert iou[0] == 1.0 and iou[1] < 1.0
     assert topk_iou(a[:1], obj[:1], k=2)[0] == 0.5
+
+
+# --- the probe ------------------------------------------------------------------------------
+
+
+class _PlantedSet(torch.utils.data.Dataset):
+    """``(image, label, object mask)``: the planted images, label 0, the object = the planted region."""
+
+    classes = ["region", "other"]
+
+    def __init__(self, n: int) -> None:
+        self.images = planted_images(n)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i], 0, _region()[0]
+
+
+def test_probe_on_the_planted_model_finds_the_region_and_reports(tmp_path):
+    import json
+
+    from masktrain.evaluation import evaluate
+    from masktrain.probes import PROBES
+    from masktrain.reports import write_report
+
+    assert "attribution" in PROBES and not PROBES.get("attribution").run_by_default
+    opts = {"attribution": {"methods": ["occlusion", "lime"], "n_images": 3, "n_samples": 1000, "patch": 8, "stride": 8,
+                            "perturbations_per_eval": 250, "eval_method": "grey", "n_examples": 2,
+                            "fractions": [0.0, 0.25, 0.5, 0.75]}}
+    report = evaluate(planted(), _PlantedSet(4), ["attribution"], ["grey", "layer"], num_classes=2,
+                      mean=(0.5, 0.5, 0.5), n_boot=50, options=opts, device="cpu")
+    cols = report["probes"]["attribution"]
+    assert set(cols) == {f"{a}/{m}" for a in ("occlusion", "lime") for m in ("grey", "layer")}
+    for key, e in cols.items():
+        assert e["n"] == 3, key  # n_images caps the explained rows
+        assert e["mass_inside"]["value"] >= 0.9, (key, e["mass_inside"])
+        assert e["topk_iou"]["value"] > 0.5, (key, e["topk_iou"])
+        assert e["lerf"]["prob_area"]["value"] > e["morf"]["prob_area"]["value"], key
+        assert e["value"] > 0 and e["ci95"][0] <= e["value"] <= e["ci95"][1], key
+    files = write_report(report, tmp_path / "r")
+    saved = json.loads(files["report.json"].read_text())
+    assert saved["probes"]["attribution"]["lime/layer"]["examples"]["rows"] == [0, 1]
+    md = files["report.md"].read_text()
+    assert "## attribution" in md and "| lime/layer | all |" in md
+    assert {"attribution_maps.png", "attribution_curves.png"} <= set(files)
+
+
+def test_probe_options_are_checked():
+    from masktrain.probes import PROBES
+
+    probe = PROBES.get("attribution")
+    with pytest.raises(UserError, match="gradcam"):
+        probe.parse_options({"methods": ["gradcam"]})
+    with pytest.raises(UserError, match="noise_std|option"):
+        probe.parse_options({"eval_method": "grey", "eval_options": {"noise_std": 0.0}})
+    assert probe.parse_options({"eval_options": {"noise_std": 0.0}}).eval_options == {"noise_std": 0.0}
+
+
+def test_removal_options_reach_the_fill():
+    from masktrain.methods import get_method
+
+    images = torch.rand(2, 3, 16, 16)
+    keep = torch.ones(2, 1, 16, 16)
+    keep[..., 4:12, 4:12] = 0
+    quiet = get_method("noisy_linear", noise_std=0.0).render(images, keep)
+    loud = get_method("noisy_linear", noise_std=0.2).render(images, keep, torch.Generator().manual_seed(0))
+    assert (loud - quiet).abs().max() > 0.1 and torch.equal(quiet, get_method("noisy_linear", noise_std=0.0).render(images, keep))
+    with pytest.raises(UserError):
+        get_method("layer", noise_std=0.0)

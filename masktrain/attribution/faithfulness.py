@@ -99,10 +99,14 @@ def mass_inside(attributions: Tensor, obj: Tensor, positive_only: bool = False) 
     return torch.where(total > 0, (a * _object(obj)).sum(1) / total.clamp_min(1e-30), torch.full_like(total, float("nan")))
 
 
-def topk_iou(attributions: Tensor, obj: Tensor, k: Optional[int] = None, generator: Optional[torch.Generator] = None) -> Tensor:
-    """IoU ``(B,)`` of the ``k`` most relevant pixels with the object (``k`` default: each object's own area)."""
+def topk_iou(attributions: Tensor, obj: Tensor, k: Optional[int] = None, generator: Optional[torch.Generator] = None,
+             absolute: bool = True) -> Tensor:
+    """IoU ``(B,)`` of the ``k`` most relevant pixels with the object (``k`` default: each object's own area).
+
+    Relevance is ``|a|`` by default (as in :func:`mass_inside`: evidence for and against the class
+    both say where the model looks); ``absolute=False`` ranks by the signed value."""
     o = _object(obj)
-    ranked = rank_pixels(attributions, descending=True, generator=generator)
+    ranked = rank_pixels(attributions.abs() if absolute else attributions, descending=True, generator=generator)
     n = o.shape[1]
     ks = o.sum(1).long() if k is None else torch.full((o.shape[0],), int(k), device=o.device)
     top = (torch.arange(n, device=o.device)[None, :] < ks[:, None]).float()
