@@ -255,3 +255,28 @@ def test_removal_options_reach_the_fill():
     assert (loud - quiet).abs().max() > 0.1 and torch.equal(quiet, get_method("noisy_linear", noise_std=0.0).render(images, keep))
     with pytest.raises(UserError):
         get_method("layer", noise_std=0.0)
+
+
+@pytest.mark.slow
+def test_evaluate_cli_attribution_with_wandb(tmp_path):
+    """The issue's command, at tiny sizes: report.json/md, the maps figure, W&B images."""
+    import json
+
+    from test_evaluate_cli import evaluate_cli, make_checkpoint
+
+    ckpt = make_checkpoint(tmp_path / "last.ckpt")
+    out = tmp_path / "report"
+    proc = evaluate_cli(f"checkpoint={ckpt}", "probes=[attribution]", "probe_options.attribution.methods=[lime,occlusion]",
+                        "methods=[grey,layer]", "logger=wandb", f"hydra.run.dir={out}", "n_images=8", "n_boot=50", "threads=1",
+                        "probe_options.attribution.n_images=2", "probe_options.attribution.n_samples=20",
+                        "probe_options.attribution.perturbations_per_eval=20", "probe_options.attribution.fractions=[0.0,0.5]",
+                        "probe_options.attribution.n_examples=2", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert list(report["probes"]) == ["attribution"]
+    assert set(report["probes"]["attribution"]) == {"lime/grey", "lime/layer", "occlusion/grey", "occlusion/layer"}
+    assert all(e["n"] == 2 for e in report["probes"]["attribution"].values())
+    assert "## attribution" in (out / "report.md").read_text()
+    assert (out / "attribution_maps.png").stat().st_size > 0
+    images = list((out / "wandb").glob("offline-run-*/files/media/images/evaluation/attribution/**/*.png"))
+    assert len(images) == 4 * 2, images  # keys x examples

@@ -207,7 +207,7 @@ class Attribution(Probe):
                              f"{fmt_num(e['gap_accuracy']['value'])} | {fmt_num(m['value'])} | {fmt_ci(m['ci95'])} | "
                              f"{fmt_num(m['chance'])} | {fmt_num(e['topk_iou']['value'])} | {fmt_ci(e['topk_iou']['ci95'])} | {e['n']} |")
         first = next(iter(cols.values()))
-        lines += ["", f"MoRF/LeRF removal: `{first['eval_method']}` {first.get('eval_options') or ''} at fractions "
+        lines += ["", f"MoRF/LeRF removal: `{first['eval_method']}`{' ' + str(first['eval_options']) if first.get('eval_options') else ''} at fractions "
                   f"{first['fractions']}; areas are the mean true-class probability over them. Maps: attribution_maps.png."]
         return lines
 
