@@ -14,19 +14,24 @@ Each removed pixel takes the weighted mean of its in-image 8 neighbours (weight 
 For the removed pixels ``R`` the system is ``(D - W_RR) x = W_RV v`` with ``D`` the sum of
 in-image weights. The weights are symmetric, every row is weakly diagonally dominant and
 every connected hole touches a visible pixel (unless nothing is visible), so the matrix is
-symmetric positive definite: we solve it with conjugate gradients, Jacobi-preconditioned,
-applying the operator as a separable 3x3 stencil over the batch, from a coarse-to-fine initial
-guess (the same problem on a 2x-downsampled grid, solved recursively and upsampled), which
-takes most of the smooth error out before the fine-grid iterations start.
+symmetric positive definite: we solve it with conjugate gradients, applying the operator as a
+separable 3x3 stencil over the batch. The preconditioner (``preconditioner=``) is a geometric
+multigrid V-cycle (default; :func:`_vcycle`): CG then needs ~10-30 iterations whatever the size
+of the holes, against hundreds with the first version's Jacobi preconditioner
+(``"jacobi"``, started from a coarse-to-fine guess), whose iteration count grows with the width
+of the largest hole.
 
 Stopping rule (the stated tolerance): every image and channel stops when its scaled
 residual ``max_i |r_i| / D_i`` — how far any removed pixel is from the weighted mean of its
 neighbours — is at most ``tol``. With ``tol=2e-6`` (default) the result matched ROAD's own
-imputer (noise 0) to at most 3.4e-4 max abs error at 224² (random patches 4e-5, blobs 6e-5,
-two rectangles covering ~40%: 3.4e-4; benchmarks/attribution.py); the tests check it against
-a direct sparse solve. The iteration count grows with the width of the largest hole: on a
-CPU this solver is *slower* than ROAD's direct solve for large holes (see the benchmark);
-it is meant for the batched GPU path (not yet measured: no GPU was available).
+imputer (noise 0) to at most 3.4e-4 max abs error at 224² with the Jacobi solver (random
+patches 4e-5, blobs 6e-5, two rectangles covering ~40%: 3.4e-4) and 1.7e-5 / 1.7e-5 / 3.3e-5 with
+multigrid (benchmarks/attribution.py); the tests check both against a direct sparse solve.
+Speed on a CPU (2 shared cores, 2026-12-01, batch 16 at 224², side by side in one run): multigrid
+runs at 0.9x / 0.4x / 0.3x ROAD's speed per image on patches / blobs / rectangles (Jacobi: 1.1x / 0.2x /
+0.1x; multigrid 1.5x faster than Jacobi on blobs, 2.2x on rectangles) — i.e. still *not*
+faster than ROAD's direct solve on this CPU; the 50x goal is not met. The batched solver is meant
+for a GPU, where it has not been measured (no GPU was available).
 
 Two deliberate differences from ROAD, both outside its defined cases: an image with no
 visible pixel (ROAD's matrix is singular there) gets the fallback colour, and with

@@ -137,3 +137,15 @@ def test_matches_a_direct_solve_at_224(kind):
     for i in range(2):
         ref = direct_solve(images[i].double().numpy(), keep[i, 0].numpy())
         assert np.abs(out[i].double().numpy() - ref).max() < 1e-3, kind
+
+
+@pytest.mark.parametrize("kind", ["rectangles", "blob"])
+def test_both_preconditioners_agree_with_a_direct_solve(kind):
+    g = step_generator(8, 0, 0)
+    images = torch.rand(2, 3, 64, 64, generator=g)
+    keep = _masks(kind, 2, 64, g)
+    for pc in ("multigrid", "jacobi"):
+        out = noisy_linear(images, keep, noise_std=0.0, preconditioner=pc)
+        for i in range(2):
+            ref = direct_solve(images[i].double().numpy(), keep[i, 0].numpy())
+            assert np.abs(out[i].double().numpy() - ref).max() < 1e-4, (kind, pc)
