@@ -280,3 +280,16 @@ def test_evaluate_cli_attribution_with_wandb(tmp_path):
     assert (out / "attribution_maps.png").stat().st_size > 0
     images = list((out / "wandb").glob("offline-run-*/files/media/images/evaluation/attribution/**/*.png"))
     assert len(images) == 4 * 2, images  # keys x examples
+
+
+def test_probe_removal_options_reach_the_removal_and_are_checked():
+    from masktrain.evaluation import evaluate
+
+    opts = {"attribution": {"methods": ["occlusion"], "n_images": 2, "patch": 8, "stride": 8, "fractions": [0.0, 0.5],
+                            "eval_method": "grey", "removal_options": {"noise_std": 0.0}}}
+    report = evaluate(planted(), _PlantedSet(2), ["attribution"], ["noisy_linear"], num_classes=2, mean=(0.5, 0.5, 0.5),
+                      n_boot=20, options=opts, device="cpu")
+    assert report["probes"]["attribution"]["occlusion/noisy_linear"]["mass_inside"]["value"] >= 0.9
+    with pytest.raises(UserError, match="removal_options"):
+        evaluate(planted(), _PlantedSet(2), ["attribution"], ["layer"], num_classes=2, mean=(0.5, 0.5, 0.5),
+                 n_boot=20, options=opts, device="cpu")

@@ -57,6 +57,7 @@ class Options:
     fractions: list = field(default_factory=lambda: list(DEFAULT_FRACTIONS))  # removed fractions of the MoRF/LeRF curves
     eval_method: str = "noisy_linear"  # the removal of the MoRF/LeRF evaluation (ROAD's imputation)
     eval_options: dict = field(default_factory=dict)  # options of eval_method's fill, e.g. {noise_std: 0.0}
+    removal_options: dict = field(default_factory=dict)  # fill options of the removal methods (e.g. noisy_linear's noise_std)
     n_examples: int = 4           # images shown in attribution_maps.png
     example_side: int = 48        # maps and images are stored in report.json at most this many px per side
 
@@ -99,6 +100,7 @@ class Attribution(Probe):
         if len(o.fractions) < 2 or any(not 0 <= f <= 1 for f in o.fractions) or sorted(o.fractions) != o.fractions:
             raise UserError(f"probe_options.{NAME}.fractions must be >= 2 increasing values in [0, 1] (got {o.fractions})")
         o.eval_options = dict(o.eval_options or {})
+        o.removal_options = dict(o.removal_options or {})
         get_method(o.eval_method, **o.eval_options)  # unknown method or option: a UserError here, before any work
         return o
 
@@ -119,6 +121,11 @@ class Attribution(Probe):
         attribution, removal = key.split("/", 1)
         objects = ctx.require_objects(NAME)
         cfg = self._config(ctx)
+        if o.removal_options:
+            try:
+                get_method(removal, **o.removal_options)
+            except UserError as exc:
+                raise UserError(f"probe_options.{NAME}.removal_options={o.removal_options} with methods={removal!r}: {exc}") from exc
         shard = ctx.shard
         todo = shard[shard < o.n_images]  # the first n_images rows of the evaluation set, wherever they are sharded
         nf, side = len(o.fractions), self._side(ctx)
@@ -129,7 +136,8 @@ class Attribution(Probe):
         for rows in torch.split(todo, max(1, ctx.batch_size)):
             images, labels, obj = ctx.to_device(ctx.images[rows], ctx.labels[rows], objects[rows])
             seeds = [k >> 1 for k in ctx.random(NAME, key, rows).keys]  # per image: the same map whatever the batch or rank
-            maps = attribute(ctx.model, images, labels, attribution, removal, seeds=seeds, config=cfg, mean=ctx.mean)
+            maps = attribute(ctx.model, images, labels, attribution, removal, seeds=seeds, config=cfg, mean=ctx.mean,
+                             removal_options=o.removal_options)
             at = torch.tensor([position[int(r)] for r in rows])
             for order in ("morf", "lerf"):
                 curves = removal_curves(ctx.model, images, labels, maps, order, o.eval_method, o.fractions,
