@@ -46,7 +46,7 @@ def _probe_names(cfg: DictConfig) -> list[str]:
     """``probes=...``, or every registered probe when it is null."""
     from masktrain.probes import PROBES
 
-    return PROBES.names() if cfg.probes is None else [str(p) for p in cfg.probes]
+    return [n for n, p in PROBES.items() if p.run_by_default] if cfg.probes is None else [str(p) for p in cfg.probes]
 
 
 def validate_config(cfg: DictConfig) -> None:

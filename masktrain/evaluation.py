@@ -137,7 +137,7 @@ def evaluate(
     """
     log = log or (lambda msg: None)
     started = time.perf_counter()
-    probes = PROBES.names() if probes is None else list(probes)
+    probes = [p for p in PROBES.names() if get_probe(p).run_by_default] if probes is None else list(probes)
     methods = list(methods)
     check(len(probes) > 0, "probes=[] is empty; choose from " + str(PROBES.names()))
     probe_objs = [get_probe(p) for p in probes]

@@ -18,7 +18,9 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from masktrain.errors import UserError
 from masktrain.fills import FILLS, IMAGENET_MEAN, fill
+from masktrain.fills.base import check_options
 from masktrain.masks import as_dense
 from masktrain.models import Classifier
 from masktrain.registry import Registry
@@ -73,11 +75,11 @@ class FillMethod(MaskingMethod):
 
     identity_when_nothing_removed = True  # fill() returns the visible pixels unchanged
 
-    def __init__(self, name: str, mean: Sequence[float] = IMAGENET_MEAN) -> None:
-        self.name, self.mean = name, tuple(mean)
+    def __init__(self, name: str, mean: Sequence[float] = IMAGENET_MEAN, **options) -> None:
+        self.name, self.mean, self.options = name, tuple(mean), dict(options)  # options: the fill's, e.g. noise_std
 
     def apply(self, images: Tensor, keep: Tensor, generator: torch.Generator | None = None, inplace: bool = False) -> Tensor:
-        return fill(images, keep, self.name, generator, self.mean, inplace)
+        return fill(images, keep, self.name, generator, self.mean, inplace, **self.options)
 
     def render(self, images, keep, generator=None):
         return self.apply(images, keep, generator)
@@ -121,6 +123,15 @@ METHODS.register("layer", lambda name, mean: LayerMethod())
 METHODS.include(FILLS, lambda name, spec: FillMethod)
 
 
-def get_method(name: str, mean: Sequence[float] = IMAGENET_MEAN) -> MaskingMethod:
-    """A masking method by name; ``mean`` is the dataset mean colour used by ``grey``."""
-    return METHODS.get(name)(str(name), mean)
+def get_method(name: str, mean: Sequence[float] = IMAGENET_MEAN, **options) -> MaskingMethod:
+    """A masking method by name; ``mean`` is the dataset mean colour used by ``grey``.
+
+    ``options`` go to a fill method's fill (e.g. ``get_method("noisy_linear", noise_std=0.0)``);
+    a method or fill that does not take them is a UserError."""
+    factory = METHODS.get(name)
+    if not options:
+        return factory(str(name), mean)
+    if factory is not FillMethod:
+        raise UserError(f"masking method {name!r} takes no options (got {sorted(options)})")
+    check_options(FILLS.get(name), options)
+    return FillMethod(str(name), mean, **options)

@@ -1,6 +1,7 @@
 """The fill spec, its registry and :func:`fill` (see :mod:`masktrain.fills` for how to add one)."""
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -8,6 +9,7 @@ import torch
 from torch import Tensor
 
 from masktrain.erase import erase_
+from masktrain.errors import UserError
 from masktrain.masks import BoxKeep
 from masktrain.registry import Registry
 
@@ -65,6 +67,19 @@ def mean_colour(images: Tensor, mean: Sequence[float]) -> Tensor:
     return torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
 
 
+def check_options(spec: FillSpec, options: dict) -> None:
+    """A UserError naming the fill and its options when ``options`` holds one the fill does not take."""
+    fn = spec.colour or spec.dense
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    fixed = {"images", "keep", "generator", "mean"}
+    valid = sorted(n for n, p in params.items() if n not in fixed and p.kind is not inspect.Parameter.VAR_POSITIONAL)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise UserError(f"fill {spec.name!r} does not take the option(s) {unknown}; its options are {valid or 'none'}")
+
+
 def fill(
     images: Tensor,
     keep: "Tensor | BoxKeep",
@@ -86,6 +101,8 @@ def fill(
     boxes' pixels only (the same result, without reading or writing the rest of the batch).
     """
     spec = FILLS.get(method)
+    if options:
+        check_options(spec, options)
     if isinstance(keep, BoxKeep):
         if spec.one_colour:
             target = images if inplace else images.clone()

@@ -117,6 +117,8 @@ class Probe:
     Options: type = NoOptions
     needs_object_masks: bool = True
     needs_train_split: bool = False
+    #: Whether ``probes=null`` (every registered probe) includes it; False for an expensive probe asked for by name.
+    run_by_default: bool = True
     #: What a report key names: "method" or e.g. "mask" (mask_only).
     key_kind: str = "method"
 

@@ -1,0 +1,230 @@
+"""Noisy linear imputation (ROAD, Rong et al., ICML 2022), solved for a whole batch on the device.
+
+Each removed pixel takes the weighted mean of its in-image 8 neighbours (weight 1/6 for the
+4 direct, 1/12 for the 4 diagonal ones); visible pixels are fixed. This is ROAD's
+``NoisyLinearImputer`` (``road/imputations.py``) exactly:
+
+- a neighbour outside the image does not count, and the remaining weights are renormalised
+  (ROAD's diagonal is ``-(1 - sum of the out-of-image weights)``); a removed neighbour is an
+  unknown, a visible one goes to the right-hand side;
+- each channel is its own system with the same matrix;
+- Gaussian noise of standard deviation ``noise_std`` is added to the *solution* at removed
+  pixels only, independently per pixel and channel.
+
+For the removed pixels ``R`` the system is ``(D - W_RR) x = W_RV v`` with ``D`` the sum of
+in-image weights. The weights are symmetric, every row is weakly diagonally dominant and
+every connected hole touches a visible pixel (unless nothing is visible), so the matrix is
+symmetric positive definite: we solve it with conjugate gradients, applying the operator as a
+separable 3x3 stencil over the batch. The preconditioner (``preconditioner=``) is a geometric
+multigrid V-cycle (default; :func:`_vcycle`): CG then needs ~10-30 iterations whatever the size
+of the holes, against hundreds with the first version's Jacobi preconditioner
+(``"jacobi"``, started from a coarse-to-fine guess), whose iteration count grows with the width
+of the largest hole.
+
+Stopping rule (the stated tolerance): every image and channel stops when its scaled
+residual ``max_i |r_i| / D_i`` — how far any removed pixel is from the weighted mean of its
+neighbours — is at most ``tol``. With ``tol=2e-6`` (default) the result matched ROAD's own
+imputer (noise 0) to at most 3.4e-4 max abs error at 224² with the Jacobi solver (random
+patches 4e-5, blobs 6e-5, two rectangles covering ~40%: 3.4e-4) and 1.7e-5 / 1.7e-5 / 3.3e-5 with
+multigrid (benchmarks/attribution.py); the tests check both against a direct sparse solve.
+Speed on a CPU (2 shared cores, 2026-12-01, batch 16 at 224², side by side in one run): multigrid
+runs at 0.9x / 0.4x / 0.3x ROAD's speed per image on patches / blobs / rectangles (Jacobi: 1.1x / 0.2x /
+0.1x; multigrid 1.5x faster than Jacobi on blobs, 2.2x on rectangles) — i.e. still *not*
+faster than ROAD's direct solve on this CPU; the 50x goal is not met. The batched solver is meant
+for a GPU, where it has not been measured (no GPU was available).
+
+Two deliberate differences from ROAD, both outside its defined cases: an image with no
+visible pixel (ROAD's matrix is singular there) gets the fallback colour, and with
+``clamp=True`` (default) the noisy result is clipped to [0, 1] so the output stays a valid
+image in this toolkit's pixel space (with ``noise_std=0`` the solution is a convex
+combination of visible pixels and clamping changes nothing).
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+DIRECT, DIAGONAL = 1.0 / 6.0, 1.0 / 12.0
+
+
+def _neighbour_sum(x: Tensor) -> Tensor:
+    """Weighted sum (1/6 direct, 1/12 diagonal) of the in-image 8 neighbours of every pixel of
+    ``(N, 1, H, W)``, zero outside the image. The stencil is ``(s s^T) / 12 - centre / 3`` with
+    ``s = [1, 2, 1]``: two separable shifted adds, cheaper on a CPU than a 3x3 convolution."""
+    p = F.pad(x, (1, 1, 0, 0))
+    h = p[..., :-2] + p[..., 2:] + 2 * x
+    p = F.pad(h, (0, 0, 1, 1))
+    v = p[..., :-2, :] + p[..., 2:, :] + 2 * h
+    return v / 12 - x / 3
+
+
+def _operator(v: Tensor, removed: Tensor, diag: Tensor) -> Tensor:
+    """``A v = removed * (diag * v - K v)``: the system's matrix on ``(N, 1, H, W)`` (``v`` zero at visible pixels)."""
+    return removed * (diag * v - _neighbour_sum(v))
+
+
+def _levels(removed: Tensor, min_side: int) -> list[tuple[Tensor, Tensor]]:
+    """The multigrid hierarchy ``[(removed, diag), ...]``, finest first: a coarse cell is an unknown
+    when all its 2x2 children are (near a visible pixel the error is small and the smoother handles it)."""
+    def diag_of(h: int, w: int) -> Tensor:
+        return _neighbour_sum(torch.ones(1, 1, h, w, device=removed.device, dtype=removed.dtype))
+
+    levels = [(removed, diag_of(*removed.shape[-2:]))]
+    while min(removed.shape[-2:]) >= 2 * min_side and bool(removed.any()):
+        removed = (F.avg_pool2d(removed, 2, ceil_mode=True) > 0.999).to(removed.dtype)
+        levels.append((removed, diag_of(*removed.shape[-2:])))
+    return levels
+
+
+def _vcycle(r: Tensor, levels: list, level: int = 0, omega: float = 0.8, coarse_scale: float = 0.5,
+            coarsest_sweeps: int = 8) -> Tensor:
+    """One multigrid V-cycle from zero for ``A e = r``: a symmetric, positive definite preconditioner.
+
+    One damped-Jacobi sweep before and after the coarse correction (Jacobi is symmetric, so the
+    cycle is), piecewise-constant prolongation ``P`` with restriction ``P^T`` (sums of children),
+    the same 8-neighbour stencil re-discretised on each coarser grid, and the coarse correction
+    scaled by ``coarse_scale`` = 1/2: the Galerkin operator ``P^T A P`` of piecewise-constant
+    aggregation is about twice the re-discretised one. The coarsest grid gets a few Jacobi sweeps.
+    ``omega`` = 0.8 < 2 / lambda_max(D^-1 A) = 1.5 keeps every sweep convergent.
+    """
+    removed, diag = levels[level]
+    inv = omega * removed / diag
+    x = inv * r
+    if level == len(levels) - 1:
+        for _ in range(coarsest_sweeps - 1):
+            x = x + inv * (r - _operator(x, removed, diag))
+        return x
+    H, W = r.shape[-2:]
+    rc = levels[level + 1][0] * F.avg_pool2d(r - _operator(x, removed, diag), 2, ceil_mode=True, divisor_override=1)
+    ec = _vcycle(rc, levels, level + 1, omega, coarse_scale, coarsest_sweeps)
+    x = x + coarse_scale * removed * F.interpolate(ec, scale_factor=2, mode="nearest")[..., :H, :W]
+    return x + inv * (r - _operator(x, removed, diag))
+
+
+def _cg(b: Tensor, removed: Tensor, diag: Tensor, x: Tensor, tol: float, max_iter: int, check_every: int,
+        precondition=None) -> Tensor:
+    """Preconditioned CG on ``A x = b`` with ``A x = removed * (diag * x - K * x)``.
+
+    All tensors ``(N, 1, H, W)``; ``x`` (initial guess) is zero outside ``removed``. Each of
+    the ``N`` systems has its own step sizes; a converged system stops moving.
+    ``precondition(r) -> z``: Jacobi (``r / diag``) when None.
+    """
+    inv_diag = removed / diag
+    precondition = precondition or (lambda res: res * inv_diag)
+
+    def A(v: Tensor) -> Tensor:
+        return _operator(v, removed, diag)
+
+    r = b - A(x)
+    z = precondition(r)
+    p = z
+    rz = (r * z).sum((2, 3), keepdim=True)
+    active = torch.ones_like(rz)
+    for it in range(max_iter):
+        if it % check_every == 0:
+            done = (r.abs() * inv_diag).amax((2, 3), keepdim=True) <= tol
+            active = (~done).to(r.dtype)
+            if not bool(active.any()):
+                break
+        Ap = A(p)
+        pAp = (p * Ap).sum((2, 3), keepdim=True)
+        alpha = active * rz / torch.where(pAp > 0, pAp, torch.ones_like(pAp))
+        x = x + alpha * p
+        r = r - alpha * Ap
+        z = precondition(r)
+        rz_new = (r * z).sum((2, 3), keepdim=True)
+        beta = rz_new / torch.where(rz > 0, rz, torch.ones_like(rz))
+        p = z + beta * p
+        rz = rz_new
+    return x
+
+
+def _solve(values: Tensor, keep: Tensor, tol: float, max_iter: int, check_every: int, min_side: int,
+           preconditioner: str = "multigrid") -> Tensor:
+    """The full ``(N, 1, H, W)`` image: ``values`` at visible pixels, the linear solution elsewhere.
+
+    ``values`` is zero at removed pixels, ``keep`` is ``(N, 1, H, W)`` in {0, 1} and every
+    system has at least one visible pixel.
+    """
+    N, _, H, W = values.shape
+    removed = 1.0 - keep
+    if not bool(removed.any()):
+        return values
+    diag = _neighbour_sum(torch.ones(1, 1, H, W, device=values.device, dtype=values.dtype))
+    b = removed * _neighbour_sum(values)
+    x0 = torch.zeros_like(values)
+    if preconditioner == "multigrid":
+        levels = _levels(removed, max(2, min_side // 2))
+        # ~10-30 iterations: test convergence every step (a reduction, cheap next to a V-cycle)
+        x = _cg(b, removed, diag, x0, tol, max_iter, 1, lambda r: _vcycle(r, levels))
+        return values + removed * x
+    if min(H, W) >= 2 * min_side:
+        # Coarse grid: a coarse pixel is visible when any of its children is, with their mean.
+        ck = F.avg_pool2d(keep, 2, ceil_mode=True)
+        cv = F.avg_pool2d(values, 2, ceil_mode=True) / ck.clamp_min(1e-12)
+        ck = (ck > 0).to(values.dtype)
+        coarse = _solve(cv * ck, ck, tol, max_iter, check_every, min_side, preconditioner)
+        x0 = removed * F.interpolate(coarse, size=(H, W), mode="bilinear", align_corners=False)
+    x = _cg(b, removed, diag, x0, tol, max_iter, check_every)
+    return values + removed * x
+
+
+def noisy_linear(
+    images: Tensor,
+    keep: Tensor,
+    noise_std: float = 0.01,
+    generator: Optional[torch.Generator] = None,
+    fallback: Sequence[float] = (0.485, 0.456, 0.406),
+    tol: float = 2e-6,
+    max_iter: int = 2000,
+    clamp: bool = True,
+    check_every: int = 8,
+    min_side: int = 8,
+    preconditioner: str = "multigrid",
+) -> Tensor:
+    """ROAD's noisy linear imputation of the removed pixels of a batch.
+
+    Args:
+        images: ``(B, C, H, W)`` in [0, 1]; removed pixels are never read.
+        keep: ``(B, 1, H, W)`` keep mask, 1 = visible, 0 = removed.
+        noise_std: standard deviation of the Gaussian noise added to the imputed pixels
+            (ROAD's ``noise``, absolute; 0 = the plain linear solution).
+        generator: for the noise.
+        fallback: ``(C,)`` colour for images with no visible pixel at all.
+        tol: stop once every removed pixel is within ``tol`` of the weighted mean of its
+            neighbours (scaled residual, per image and channel).
+        max_iter: cap on CG iterations per grid level.
+        clamp: clip the result to [0, 1] (only matters with noise).
+        preconditioner: ``multigrid`` (a V-cycle per CG step: ~10-30 iterations whatever the
+            hole size) or ``jacobi`` (the first version: hundreds of iterations for wide holes,
+            started from a coarse-to-fine guess).
+
+    Returns:
+        ``(B, C, H, W)``: ``images`` at visible pixels, the imputation at removed ones.
+    """
+    B, C, H, W = images.shape
+    work = images.dtype if images.dtype in (torch.float32, torch.float64) else torch.float32
+    keep = (keep > 0.5).to(work)
+    visible = keep.expand(B, C, H, W)
+    values = torch.where(visible.bool(), images.to(work), torch.zeros((), device=images.device, dtype=work))
+    has_any = keep.flatten(1).any(1)
+    flat_keep = visible.reshape(B * C, 1, H, W)
+    out = torch.empty_like(values)
+    if bool(has_any.any()):
+        idx = has_any.nonzero().flatten()
+        n = idx.numel()
+        solved = _solve(values[idx].reshape(n * C, 1, H, W), flat_keep.view(B, C, H, W)[idx].reshape(n * C, 1, H, W),
+                        tol, max_iter, check_every, min_side, preconditioner)
+        out[idx] = solved.view(n, C, H, W)
+    if not bool(has_any.all()):
+        colour = torch.as_tensor(fallback, device=images.device, dtype=work).view(1, -1, 1, 1)
+        out[~has_any] = colour.expand(int((~has_any).sum()), C, H, W)
+    if noise_std > 0:
+        noise = torch.randn(out.shape, generator=generator, device=out.device, dtype=work)
+        out = out + noise_std * (1.0 - keep) * noise
+    if clamp:
+        out = torch.where(visible.bool(), out, out.clamp(0.0, 1.0))
+    return out.to(images.dtype)
