@@ -16,6 +16,7 @@ from torch import Tensor
 from masktrain.erase import erase_
 from masktrain.errors import UserError
 from masktrain.masks import BoxKeep
+from masktrain.tile_fill import tile
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 
@@ -126,6 +127,9 @@ def blur(images: Tensor, keep: Tensor, generator=None, mean=IMAGENET_MEAN, sigma
     den = _separable_blur(keep, sigma)
     colour = num / den.clamp_min(1e-6)
     return torch.where(den > 1e-4, colour, _mean_colour(images, mean).expand_as(images))
+
+
+register_fill("tile")(tile)  # masktrain.tile_fill: tiles of the image's own visible background
 
 
 def fill(

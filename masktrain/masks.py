@@ -18,6 +18,8 @@ from masktrain.errors import UserError, check, check_range
 
 MaskGenerator = Callable[..., Tensor]
 MASK_GENERATORS: dict[str, MaskGenerator] = {}
+# Kinds drawn from the batch's object masks (a dataset without them cannot use these).
+OBJECT_MASK_KINDS: set[str] = {"silhouettes"}
 
 
 def register_mask(name: str) -> Callable[[MaskGenerator], MaskGenerator]:
@@ -262,7 +264,7 @@ class RandomKeepMask:
         self.kind, self.p, self.params = kind, float(p), dict(params)
         # Validate parameters once, at construction, so bad values fail before training starts.
         g = torch.Generator().manual_seed(0)
-        dummy = torch.zeros(2, 1, 8, 8) if kind == "silhouettes" else None
+        dummy = torch.zeros(2, 1, 8, 8) if kind in OBJECT_MASK_KINDS else None
         make_keep_masks(kind, 2, (8, 8), g, "cpu", object_masks=dummy, **self.params)
 
     def __call__(
