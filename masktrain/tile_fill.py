@@ -46,7 +46,8 @@ def tile(images: Tensor, keep: Tensor, generator: torch.Generator | None = None,
     """Fill values ``(B, 3, H, W)`` for removed pixels of ``images`` ``(B, 3, H, W)`` where
     ``keep`` ``(B, 1, H, W)`` is 0 (1 = visible); deterministic, ``generator`` is unused.
 
-    Values at visible positions are the image itself (callers keep visible pixels anyway).
+    Values at visible positions are tiles too (every value comes from a visible pixel of the
+    same image); :func:`masktrain.fills.fill` keeps the visible pixels themselves.
     """
     B, C, H, W = images.shape
     removed = keep[:, 0] < 0.5  # (B, H, W)
@@ -60,29 +61,23 @@ def tile(images: Tensor, keep: Tensor, generator: torch.Generator | None = None,
     has_strip = size > 0
     period = size.clamp_min(1)
 
-    ys = torch.arange(H, device=images.device).view(1, H, 1)
-    xs = torch.arange(W, device=images.device).view(1, 1, W)
-    b = lambda t: t.view(B, 1, 1)  # noqa: E731
-    p = b(period)
-    # Source row/column per strip; each stays inside its strip (outside the removed box).
-    src_top = torch.remainder(ys - b(y0), p)
-    src_bottom = b(y1) + torch.remainder(ys - b(y0), p)
-    src_left = torch.remainder(xs - b(x0), p)
-    src_right = b(x1) + torch.remainder(xs - b(x0), p)
-    c = b(choice)
-    vertical = c < 2
-    src_y = torch.where(c == 0, src_top, src_bottom).expand(B, H, W)
-    src_x = torch.where(c == 2, src_left, src_right).expand(B, H, W)
-    src_y = torch.where(vertical, src_y, ys.expand(B, H, W))
-    src_x = torch.where(vertical, xs.expand(B, H, W), src_x)
-    # Only removed pixels take a source; visible ones read themselves (never a removed pixel).
-    src_y = torch.where(removed, src_y, ys.expand(B, H, W)).clamp(0, H - 1)
-    src_x = torch.where(removed, src_x, xs.expand(B, H, W)).clamp(0, W - 1)
-    flat = (src_y * W + src_x).view(B, 1, H * W).expand(B, C, H * W)
+    # The source row depends on (b, y) only and the source column on (b, x) only, so the gather
+    # index is one broadcast sum of two small tables. Every source lies in the chosen strip, which
+    # spans the image and holds visible pixels only -- for visible positions too, so no position
+    # ever reads a removed pixel (fill() keeps the visible ones anyway).
+    ys = torch.arange(H, device=images.device)[None]  # (1, H)
+    xs = torch.arange(W, device=images.device)[None]  # (1, W)
+    p = period[:, None]
+    c = choice[:, None]
+    row_from = torch.where(c == 0, 0, y1[:, None]) + torch.remainder(ys - y0[:, None], p)  # top / bottom strip
+    col_from = torch.where(c == 2, 0, x1[:, None]) + torch.remainder(xs - x0[:, None], p)  # left / right strip
+    src_y = torch.where(c < 2, row_from, ys).clamp(0, H - 1)  # (B, H)
+    src_x = torch.where(c < 2, xs, col_from).clamp(0, W - 1)  # (B, W)
+    flat = (src_y[:, :, None] * W + src_x[:, None, :]).view(B, 1, H * W).expand(B, C, H * W)
     tiled = images.reshape(B, C, H * W).gather(2, flat).view(B, C, H, W)
 
     visible = keep.sum(dim=(2, 3), keepdim=True)
     colour = torch.where(keep > 0.5, images, 0.0).sum(dim=(2, 3), keepdim=True) / visible.clamp_min(1)
     dataset_mean = torch.as_tensor(mean, dtype=images.dtype, device=images.device).view(1, -1, 1, 1)
     colour = torch.where(visible > 0, colour, dataset_mean)
-    return torch.where(b(has_strip)[:, None], tiled, colour.expand_as(images))
+    return torch.where(has_strip.view(B, 1, 1, 1), tiled, colour.expand_as(images))
