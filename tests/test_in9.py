@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY, run_cli
+from conftest import run_cli
 from masktrain.cli import compose
 from masktrain.data.in9 import (IN9Dataset, NO_IN9_CLASS, check_model_outputs, foreground_name, imagenet_to_in9,
                                 map_imagenet_logits)
