@@ -34,5 +34,5 @@ def _lazy(module: str, attr: str) -> Callable:
     return factory
 
 
-for _name in ("shapes", "coco", "voc", "oxford_pet", "folder"):
+for _name in ("shapes", "coco", "voc", "oxford_pet", "folder", "in9"):
     DATASETS.register(_name, _lazy(_name, _name))
