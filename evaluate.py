@@ -43,10 +43,10 @@ def store_probe_defaults() -> None:
 
 
 def _probe_names(cfg: DictConfig) -> list[str]:
-    """``probes=...``, or every registered probe when it is null."""
-    from masktrain.probes import PROBES
+    """``probes=...``, or every registered probe run by default when it is null."""
+    from masktrain.evaluation import default_probes
 
-    return PROBES.names() if cfg.probes is None else [str(p) for p in cfg.probes]
+    return default_probes() if cfg.probes is None else [str(p) for p in cfg.probes]
 
 
 def validate_config(cfg: DictConfig) -> None:

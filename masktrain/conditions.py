@@ -275,8 +275,10 @@ def apply_condition(
         num_classes = int(max(int(labels.max()), int(pool.labels.max()))) + 1
     index, fallback = partner_indices(condition.partner, labels.to(images.device), rows, seed,
                                       pool.labels.to(images.device), pool.rows.to(images.device), num_classes)
-    partner_images = pool.images.to(images.device)[index]
-    partner_objects = _binary(pool.objects.to(images.device)[index]).to(images.dtype)
+    # Index the pool where it lives, then move the b partners: a test-set pool stays on the CPU.
+    on_pool = index.to(pool.images.device)
+    partner_images = pool.images[on_pool].to(images.device)
+    partner_objects = _binary(pool.objects[on_pool].to(images.device)).to(images.dtype)
     out, keep = condition.fn(images, objects, method, generator, partner_images, partner_objects)
     return Conditioned(out, keep, index, fallback)
 
