@@ -217,3 +217,64 @@ def test_not_run_by_default():
     from masktrain.evaluation import default_probes
 
     assert "backgrounds" not in default_probes()
+
+
+# --- evaluate.py on IN-9 (the release's layout, written by tests/test_in9.py's writer) --------------
+
+def _in9_weights(tmp_path, classes: int):
+    from masktrain.models import create_model
+
+    torch.manual_seed(0)
+    path = tmp_path / f"w{classes}.pth"
+    torch.save(create_model("test_resnet", classes).state_dict(), path)
+    return path
+
+
+def _in9_args(tmp_path, weights, out, *extra):
+    from test_in9 import S
+
+    return ["model.name=test_resnet", f"model.num_classes={weights.stem[1:]}", f"model.checkpoint_path={weights}", "data=in9",
+            f"data.root={tmp_path / 'in9'}", f"data.dataset.image_size={S}", "data.num_workers=0", "probes=[backgrounds]",
+            "methods=[black,layer]", "n_boot=50", "threads=1", f"hydra.run.dir={out}", *extra]
+
+
+def test_evaluate_cli_on_in9_with_the_imagenet_mapping(tmp_path):
+    from test_evaluate_cli import evaluate_cli
+    from test_in9 import write_in9
+
+    write_in9(tmp_path / "in9")
+    out = tmp_path / "out"
+    proc = evaluate_cli(*_in9_args(tmp_path, _in9_weights(tmp_path, 1000), out, "data.in9.map_imagenet=true",
+                                   "probe_options.backgrounds.conditions=[original,only_fg,no_fg,mixed_same,mixed_rand]"),
+                        cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    cols = report["probes"]["backgrounds"]
+    assert set(cols) == {f"{c}/{m}" for c in ("original", "only_fg", "no_fg", "mixed_same", "mixed_rand", "bg_gap")
+                         for m in ("black", "layer")}
+    assert report["model"]["num_classes"] == 9 and "IN-9" in report["model"]["name"]
+    assert cols["only_fg/layer"]["n"] == 6 and "| only_fg | layer | all |" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize("case", ["imagenet-without-mapping", "mapping-with-other-probe", "no-object-masks", "unknown-condition"])
+def test_evaluate_cli_on_in9_bad_input_is_one_line_and_writes_nothing(tmp_path, case):
+    from test_evaluate_cli import assert_one_line_error, evaluate_cli
+    from test_in9 import write_in9
+
+    write_in9(tmp_path / "in9", masks=case != "no-object-masks")
+    out = tmp_path / "out"
+    weights = _in9_weights(tmp_path, 1000 if case != "no-object-masks" else 9)
+    extra, needle = {
+        "imagenet-without-mapping": ([], "data.in9.map_imagenet=true"),
+        "mapping-with-other-probe": (["data.in9.map_imagenet=true", "probes=[backgrounds,object_removal]"], "use probes=[backgrounds]"),
+        "no-object-masks": ([], "needs object masks"),
+        "unknown-condition": (["data.in9.map_imagenet=true", "probe_options.backgrounds.conditions=[original,mixed]"],
+                              "condition 'mixed' is unknown"),
+    }[case]
+    proc = evaluate_cli(*_in9_args(tmp_path, weights, out, *extra), cwd=tmp_path)
+    assert_one_line_error(proc, needle)
+    assert not out.exists() and not list(tmp_path.rglob("report.json"))
+
+
+def test_empty_subset_gives_no_numbers_not_an_error():
+    assert np.isnan(weighted_auc(np.zeros(0), np.zeros(0, dtype=bool), np.ones((3, 0)))).all()

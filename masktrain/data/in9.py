@@ -32,7 +32,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from masktrain.data.base import Entry, MaskedImageDataset
 from masktrain.data.io import check_mask_size, require_dir
@@ -191,3 +191,39 @@ class IN9Dataset(MaskedImageDataset):
 def in9(split: str, root: str | None = None, **kwargs) -> IN9Dataset:
     """Dataset factory for ``data=in9``."""
     return IN9Dataset(root=root, split=split, **kwargs)
+
+
+def count_outputs(model: nn.Module, image_size: int) -> int:
+    """How many logits ``model`` gives: its ``num_classes`` when it says, else one forward of a black image."""
+    k = getattr(model, "num_classes", None)
+    if isinstance(k, int):
+        return k
+    with torch.no_grad():
+        return int(model.eval()(torch.zeros(1, 3, int(image_size), int(image_size))).shape[1])
+
+
+class IN9Mapped(nn.Module):
+    """A 1000-class ImageNet classifier read as IN-9: ``forward(images (B, 3, H, W)) -> (B, 10)``
+    through :func:`map_imagenet_logits` (columns 0-8 the IN-9 classes, column 9 no IN-9 class, a
+    wrong prediction for every label). Layer masking and features pass through to the wrapped model."""
+
+    #: The evaluation accepts K + 1 outputs from a model with this flag (the extra column is no label).
+    no_class_column = True
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.name = f"{getattr(model, 'name', type(model).__name__)} (ImageNet -> IN-9)"
+
+    def forward(self, images: Tensor) -> Tensor:
+        return map_imagenet_logits(self.model(images))
+
+    def normalize(self, images: Tensor) -> Tensor:
+        return self.model.normalize(images)
+
+    def features(self, images: Tensor) -> Tensor:
+        return self.model.features(images)
+
+    def layer_masked(self, output: str = "logits"):
+        inner = self.model.layer_masked(output)
+        return (lambda x, keep: map_imagenet_logits(inner(x, keep))) if output == "logits" else inner

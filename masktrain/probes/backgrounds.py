@@ -64,6 +64,8 @@ def _boot_counts(n: int, n_boot: int, seed: int) -> np.ndarray:
 def weighted_auc(scores: np.ndarray, positive: np.ndarray, weights: np.ndarray) -> np.ndarray:
     """AUC of ``scores (n,)`` for ``positive (n,)`` bool under sample ``weights (B, n)`` -> ``(B,)``
     (Mann-Whitney: P(s+ > s-) + ½ P(s+ = s-)); NaN where a resample has no positive or no negative."""
+    if scores.size == 0:
+        return np.full(weights.shape[0], np.nan)
     order = np.argsort(scores, kind="stable")
     s, pos = scores[order], positive[order]
     w = weights[:, order]
