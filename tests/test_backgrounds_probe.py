@@ -278,3 +278,51 @@ def test_evaluate_cli_on_in9_bad_input_is_one_line_and_writes_nothing(tmp_path, 
 
 def test_empty_subset_gives_no_numbers_not_an_error():
     assert np.isnan(weighted_auc(np.zeros(0), np.zeros(0, dtype=bool), np.ones((3, 0)))).all()
+
+
+# --- study: train regime × test condition --------------------------------------------------
+
+def test_study_matrix_markdown_json_and_heatmap(tmp_path, reports):
+    from masktrain.study import aggregate, plot_study, render_markdown
+
+    runs = {("background", 0): reports["background"], ("background", 1): _run(BackgroundReader(), seed=1),
+            ("object", 0): reports["object"]}
+    table = aggregate(runs)
+    study = {"study_dir": str(tmp_path), "runs": [{"regime": r, "seed": s} for r, s in runs], "regimes": ["background", "object"],
+             "seeds": [0, 1], "methods": ["black", "grey"], "probes": ["backgrounds"], "n_images": N, "table": table,
+             "flags": [], "hardware": "test", "timing": {"total_s": 1.0}}
+    cell = table["background"]["backgrounds"]["no_fg/black"]
+    assert cell["n_seeds"] == 2 and cell["mean"] == 1.0 and cell["auc"]["mean"] == pytest.approx(1.0)
+    # mixed_rand partners depend on the seed: two seeds give a spread
+    spread = table["background"]["backgrounds"]["mixed_rand/black"]
+    assert spread["n_seeds"] == 2 and spread["min"] <= spread["mean"] <= spread["max"]
+    md = render_markdown(study)
+    assert "### black: accuracy (%)" in md and "### grey: AUC" in md
+    assert "| train \\ test | original | only_fg | no_fg | only_bg_b | only_bg_t | only_fg_b | mixed_same | mixed_rand | mixed_next | bg_gap |" in md
+    row = next(line for line in md.splitlines() if line.startswith("| object |"))
+    assert row.startswith("| object | 100.0 | 100.0 | 25.0 |"), row
+    plot_study(study, tmp_path / "study.png")
+    assert (tmp_path / "study.png").stat().st_size > 5000
+    json.dumps(study, default=float)
+
+
+@pytest.mark.slow
+def test_mask_of_truth_sweep_through_evaluate_py_study_mode(tmp_path):
+    """The command pair: train.py recipes (tiny) -> evaluate.py study=<dir> probes=[backgrounds]."""
+    from conftest import TINY
+    from masktrain.cli import compose
+    from masktrain.training import train
+    from test_evaluate_cli import evaluate_cli
+
+    root = tmp_path / "sweep"
+    for recipe in ("baseline", "no_fg", "only_fg"):
+        cfg = compose("train", [f"recipe={recipe}", "logger=none", "seed=0", *TINY, "finetune.max_epochs=1"])
+        train(cfg, root / recipe / "seed0")
+    proc = evaluate_cli(f"study={root}", "n_images=16", "probes=[backgrounds]", "methods=[black,layer]", "n_boot=50", "threads=1",
+                        "probe_options.backgrounds.conditions=[original,only_fg,no_fg]", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    study = json.loads((root / "study.json").read_text())
+    assert study["regimes"] == ["baseline", "no_fg", "only_fg"]
+    assert set(study["table"]["no_fg"]["backgrounds"]) == {f"{c}/{m}" for c in ("original", "only_fg", "no_fg") for m in ("black", "layer")}
+    md = (root / "study.md").read_text()
+    assert "| only_fg |" in md and "### layer: AUC" in md and (root / "study.png").stat().st_size > 5000

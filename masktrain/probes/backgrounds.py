@@ -326,7 +326,7 @@ class Backgrounds(Probe):
                             cell = cell if metric == "value" else (cell.get("auc") or {})
                             if cell.get("mean") is not None:
                                 grid[i, j] = cell["mean"]
-                    ax.imshow(grid, vmin=0.0 if metric == "value" else 0.5, vmax=1.0, cmap="viridis", aspect="auto")
+                    ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
                     for i in range(len(regimes)):
                         for j in range(len(conditions)):
                             if np.isfinite(grid[i, j]):
