@@ -12,6 +12,7 @@ each condition is known exactly:
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -326,3 +327,20 @@ def test_mask_of_truth_sweep_through_evaluate_py_study_mode(tmp_path):
     assert set(study["table"]["no_fg"]["backgrounds"]) == {f"{c}/{m}" for c in ("original", "only_fg", "no_fg") for m in ("black", "layer")}
     md = (root / "study.md").read_text()
     assert "| only_fg |" in md and "### layer: AUC" in md and (root / "study.png").stat().st_size > 5000
+
+
+def test_wandb_offline_tables_carry_the_auc(tmp_path, reports):
+    from masktrain.reports import log_wandb
+    from wandb_files import read_offline_run
+
+    files = write_report(reports["background"], tmp_path / "r", plots=True)
+    run_dir = log_wandb(reports["background"], files, tmp_path / "r", mode="offline")
+    record = read_offline_run(Path(run_dir).parent)
+    assert record["summary"]["backgrounds/no_fg/black/all"] == 1.0
+    assert record["summary"]["backgrounds/only_fg/black/all"] == pytest.approx(0.25)
+    s = record["summary"]
+    assert s["evaluation/backgrounds/_type"] == "table-file"
+    assert s["evaluation/backgrounds/nrows"] == 2 * len(reports["background"]["probes"]["backgrounds"])
+    table = json.loads((Path(run_dir) / s["evaluation/backgrounds/path"]).read_text())
+    auc = table["columns"].index("auc")
+    assert {row[auc] for row in table["data"] if row[table["columns"].index("key")] == "no_fg/black"} == {1.0}
