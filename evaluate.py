@@ -43,10 +43,10 @@ def store_probe_defaults() -> None:
 
 
 def _probe_names(cfg: DictConfig) -> list[str]:
-    """``probes=...``, or every registered probe when it is null."""
-    from masktrain.probes import PROBES
+    """``probes=...``, or every registered probe run by default when it is null."""
+    from masktrain.evaluation import default_probes
 
-    return [n for n, p in PROBES.items() if p.run_by_default] if cfg.probes is None else [str(p) for p in cfg.probes]
+    return default_probes() if cfg.probes is None else [str(p) for p in cfg.probes]
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -134,7 +134,27 @@ def build_model_and_data(cfg: DictConfig) -> tuple[Any, Any, dict]:
         source = {"timm": OmegaConf.to_container(cfg.model, resolve=True)}
     # Resolve in place: cfg.data may interpolate root keys (${seed}) that a detached copy cannot see.
     source["data"] = OmegaConf.to_container(data_cfg, resolve=True) if OmegaConf.is_config(data_cfg) else data_cfg
+    model = read_as_in9(model, datamodule, source["data"], _probe_names(cfg))
     return model, datamodule, source
+
+
+def read_as_in9(model: Any, datamodule: Any, data_cfg: dict, probes: list[str]) -> Any:
+    """On ``data=in9``: the model as IN-9 reads it (``data.in9.map_imagenet=true``: ImageNet logits mapped
+    as the Backgrounds Challenge's in9_eval.py does); a one-line error when the outputs and the flag disagree."""
+    if getattr(datamodule, "name", None) != "in9":
+        return model
+    from masktrain.data.in9 import IN9Mapped, check_model_outputs, count_outputs
+    from masktrain.probes import get_probe
+
+    mapped = bool((data_cfg.get("in9") or {}).get("map_imagenet", False))
+    size = int((data_cfg.get("dataset") or {}).get("image_size", 224))
+    check_model_outputs(count_outputs(model, size), mapped)
+    if not mapped:
+        return model
+    other = [p for p in probes if not getattr(get_probe(p), "reads_no_class_column", False)]
+    check(not other, f"data.in9.map_imagenet=true gives a tenth 'no IN-9 class' output, which probes {other} cannot read; "
+                     f"use probes=[backgrounds]")
+    return IN9Mapped(model)
 
 
 def _init_distributed() -> None:

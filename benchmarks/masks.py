@@ -4,6 +4,7 @@
     python benchmarks/masks.py --threads 2 --repeats 30
     python benchmarks/masks.py --device cuda --sizes 224 --batch 64 --share-arch resnet50 \
         --share-size 224 --share-batch 64 --precision fp32 bf16      # GPU: the training step at full size
+    python benchmarks/masks.py --conditions-only   # foreground/background conditions at 224², batch 128
 
 Prints img/s for each masktrain generator (with the grey fill, in place as on the
 training path, where rectangles stay boxes and only the erased pixels are written;
@@ -31,7 +32,9 @@ import torch.nn.functional as F
 from timm.data.random_erasing import RandomErasing as TimmRandomErasing
 from torchvision.transforms import v2
 
+from masktrain.conditions import CONDITIONS, apply_condition
 from masktrain.fills import fill
+from masktrain.methods import get_method
 from masktrain.masks import RandomKeepMask
 from masktrain.rng import step_generator
 
@@ -131,6 +134,30 @@ def augmentation_share(repeats: int, arch: str = "resnet18", size: int = 64, bat
     return seconds["augment"], seconds["step"], seconds["augment"] / (seconds["augment"] + seconds["step"])
 
 
+def condition_throughput(size: int, batch: int, repeats: int, methods=("black", "tile", "layer")) -> dict[str, float]:
+    """img/s of every foreground/background condition (masktrain.conditions) per method: the
+    condition and the method's pixel-space rendering (for layer: the masked pixels and keep mask the
+    layer-masked model receives), partners drawn within the batch. Objects: one ellipse per image
+    (about 20% of the image) at a random place, so boxes and strips vary per sample."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(batch, 3, size, size, generator=g)
+    labels = torch.randint(0, 9, (batch,), generator=g)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    centre = torch.rand(batch, 2, generator=g) - 0.5
+    objects = ((((yy - centre[:, :1, None]) / 0.4) ** 2 + ((xx - centre[:, 1:, None]) / 0.6) ** 2) < 1).float()[:, None]
+    contenders: dict[str, Callable[[], object]] = {}
+    for method_name in methods:
+        method = get_method(method_name)
+        for name in CONDITIONS:
+            def run(name=name, method=method):
+                c = apply_condition(name, images, labels, objects, method, seed=0, num_classes=9)
+                return method.render(c.images, c.keep)
+
+            contenders[f"{name} / {method_name}"] = run
+    seconds = _interleaved(contenders, repeats)
+    return {name: batch / s for name, s in seconds.items()}
+
+
 def main() -> None:
     global DEVICE
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -144,6 +171,7 @@ def main() -> None:
     parser.add_argument("--share-arch", default="resnet18")
     parser.add_argument("--share-size", type=int, default=64)
     parser.add_argument("--share-batch", type=int, default=64)
+    parser.add_argument("--conditions-only", action="store_true", help="only the foreground/background conditions at 224²")
     args = parser.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit(f"--device {args.device}: no CUDA device is available to torch {torch.__version__}")
@@ -151,6 +179,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, device {DEVICE}, {args.threads} thread(s), batch {args.batch}, "
           f"median of {args.repeats} interleaved repeats")
+    rates = condition_throughput(224, args.batch, max(3, args.repeats // 4))
+    print(f"\nconditions (masktrain.conditions), 224x224, batch {args.batch}  img/s")
+    for name, rate in rates.items():
+        print(f"  {name:52s} {rate:10.0f}")
+    if args.conditions_only:
+        return
     for size in args.sizes:
         rates = throughput(size, args.batch, args.repeats)
         print(f"\n{size}x{size}  img/s")

@@ -103,6 +103,11 @@ def check_options(options: dict[str, Any]) -> None:
         get_probe(str(name)).parse_options(raw)
 
 
+def default_probes() -> list[str]:
+    """The probes ``probes=None`` runs: every registered one except those with ``run_by_default = False``."""
+    return [name for name, probe in PROBES.items() if probe.run_by_default]
+
+
 def _device(device: str | torch.device | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -137,7 +142,7 @@ def evaluate(
     """
     log = log or (lambda msg: None)
     started = time.perf_counter()
-    probes = [p for p in PROBES.names() if get_probe(p).run_by_default] if probes is None else list(probes)
+    probes = default_probes() if probes is None else list(probes)
     methods = list(methods)
     check(len(probes) > 0, "probes=[] is empty; choose from " + str(PROBES.names()))
     probe_objs = [get_probe(p) for p in probes]
@@ -173,7 +178,8 @@ def evaluate(
     log(f"evaluating {n} {split} images of {ds_name} ({k} classes) on {dev}, rank {rank}/{world}")
 
     clean_logits = ctx.shared.clean_logits()  # (len(shard), K); probes reuse it where their input is the unmasked image
-    if clean_logits.shape[1] != k:
+    # +1: a model read through data.in9.map_imagenet=true has a no-IN-9-class column (always wrong).
+    if clean_logits.shape[1] != k + int(getattr(model, "no_class_column", False)):
         raise UserError(f"the model outputs {clean_logits.shape[1]} classes but the dataset has {k}; "
                         f"evaluate on the data the model was trained for")
     base = gather_records({"clean_pred": clean_logits.argmax(1)}, ctx.shard, n)

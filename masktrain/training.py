@@ -22,7 +22,8 @@ from masktrain.callbacks import AtomicCheckpointIO, MaskedSampleGrid
 from masktrain.checkpoint import read_checkpoint
 from masktrain.errors import UserError, check
 from masktrain.lit_module import MaskTrainModule
-from masktrain.masks import RandomKeepMask
+import masktrain.conditions  # noqa: F401  (registers mask.kind=condition)
+from masktrain.masks import MASK_KINDS, RandomKeepMask
 from masktrain.io_utils import atomic_write
 from masktrain.methods import get_method
 
@@ -171,7 +172,10 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
                 cfg.optim.lr = float(cfg.finetune.lr)
     datamodule = hydra.utils.instantiate(cfg.data)
     for split in ("train", "val"):  # bad data fails here, in one line, before the trainer starts
-        datamodule.dataset(split)
+        ds = datamodule.dataset(split)
+        if cfg.mask.get("kind") and MASK_KINDS.get(cfg.mask.kind).needs_object_masks and not getattr(ds, "has_object_masks", True):
+            raise UserError(f"mask.kind={cfg.mask.kind} needs object masks, but the {datamodule.name} {split} set has none "
+                            f"({getattr(ds, 'missing_masks_reason', 'no masks found')}); use a dataset with object masks")
     resolve_num_classes(cfg, datamodule)
     model = hydra.utils.instantiate(cfg.model, checkpoint_path=init_from or cfg.model.get("checkpoint_path"))
     augment, val_mask = build_masks(cfg.mask)

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from masktrain.errors import UserError
+import masktrain.conditions  # noqa: F401  (registers mask.kind=condition)
 from masktrain.masks import MASK_KINDS, RandomKeepMask, make_keep_masks, validate_keep
 from masktrain.rng import step_generator
 
@@ -27,7 +28,11 @@ def test_keep_masks_are_binary_float_and_shaped(kind):
     assert bool(((keep == 0) | (keep == 1)).all())
 
 
-@pytest.mark.parametrize("kind", sorted(MASK_KINDS))
+# mask.kind=condition is a deterministic function of the object masks (no draw to vary).
+RANDOM_KINDS = [k for k in sorted(MASK_KINDS) if k != "condition"]
+
+
+@pytest.mark.parametrize("kind", RANDOM_KINDS)
 def test_same_seed_same_masks_other_rank_or_step_differs(kind):
     a, _ = _masks(kind, n=8, seed=3, rank=0, step=5)
     b, _ = _masks(kind, n=8, seed=3, rank=0, step=5)
@@ -36,6 +41,12 @@ def test_same_seed_same_masks_other_rank_or_step_differs(kind):
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
     assert not torch.equal(a, d)
+
+
+def test_condition_kind_ignores_seed_rank_and_step():
+    a, _ = _masks("condition", n=8, seed=3, rank=0, step=5)
+    b, objects = _masks("condition", n=8, seed=4, rank=1, step=6)
+    assert torch.equal(a, b) and torch.equal(a, 1 - objects)  # default condition no_fg
 
 
 def test_rectangles_area_matches_parameter():

@@ -34,5 +34,5 @@ def _lazy(module: str, attr: str) -> Callable:
     return factory
 
 
-for _name in ("shapes", "coco", "voc", "oxford_pet", "folder", "imagenet_s"):
+for _name in ("shapes", "coco", "voc", "oxford_pet", "folder", "imagenet_s", "in9"):
     DATASETS.register(_name, _lazy(_name, _name))

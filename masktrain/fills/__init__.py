@@ -29,7 +29,7 @@ from masktrain.fills.base import (FILLS, IMAGENET_MEAN, Fill, FillSpec, fill, me
                                   register_fill)
 
 # One module per fill; importing registers it.
-from masktrain.fills import black, grey, mean, random_colour, noise, blur  # noqa: E402,F401
+from masktrain.fills import black, grey, mean, random_colour, noise, blur, tile  # noqa: E402,F401
 from masktrain.fills import noisy_linear  # noqa: E402,F401
 
 __all__ = ["FILLS", "IMAGENET_MEAN", "Fill", "FillSpec", "fill", "mean_colour", "register_fill", "register_colour_fill"]

@@ -10,5 +10,6 @@ from masktrain.probes.base import PROBES, Probe, ProbeContext, get_probe, regist
 # Importing the modules registers the probes.
 from masktrain.probes import object_removal, shape_only, linear_probe, mask_only, missingness_curve  # noqa: E402,F401
 from masktrain.probes import attribution  # noqa: E402,F401
+from masktrain.probes import backgrounds  # noqa: E402,F401
 
 __all__ = ["PROBES", "Probe", "ProbeContext", "get_probe", "register_probe"]
