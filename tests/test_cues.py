@@ -183,3 +183,12 @@ def test_cue_eval_refuses_other_datasets(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cue_main([f"checkpoint={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}", "n_images=4"])
     assert "data=cues" in capsys.readouterr().err
+
+
+def test_cues_and_silhouettes_are_registered_datasets():
+    from masktrain.data import DATASETS
+    from masktrain.data.shapes import ShapesDataset
+
+    ds = DATASETS.get("cues")("test", lengths={"test": 3}, image_size=32)
+    assert isinstance(ds, CuesDataset) and len(ds) == 3
+    assert isinstance(DATASETS.get("silhouettes")("test", lengths={"test": 2}, image_size=32), ShapesDataset)

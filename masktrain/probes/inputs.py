@@ -1,4 +1,5 @@
-"""Probe inputs: control holes (bounding box, "broken"), class-neutral donors, silhouette
+"""Probe inputs: control holes (area-matched disk, bounding box, enclosing disk, intact
+"broken"; built in :mod:`masktrain.control_holes`), class-neutral donors, silhouette
 partners for the shuffled control, and how visible a fill is on its donor.
 
 Object masks are ``(B, 1, H, W)`` {0, 1} with 1 = object; every function here returns
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from masktrain.control_holes import area_matched_disk, enclosing_disk, intact_broken_keep
 from masktrain.errors import UserError
 from masktrain.probes.base import ProbeContext
 from masktrain.registry import Registry
@@ -45,15 +47,25 @@ def bbox_keep(objects: Tensor) -> Tensor:
 
 
 def broken_keep(objects: Tensor) -> Tensor:
-    """The paper's "broken" mask: the silhouette rolled by half the image in both directions."""
+    """The paper's raw "broken" mask: the silhouette rolled by half the image in both directions.
+
+    On objects that fill much of the image it often lands on the object itself (it removes
+    object evidence, so it is no control); the registered ``broken`` hole is
+    :func:`masktrain.control_holes.intact_broken_keep`, which leaves the object intact."""
     H, W = objects.shape[-2:]
     return silhouette_keep(torch.roll(objects, shifts=(H // 2, W // 2), dims=(2, 3)))
 
 
 CONTROL_HOLES: Registry[Callable[[Tensor], Tensor]] = Registry("control hole", "probe_options.mask_only.kinds")
 CONTROL_HOLES.register("silhouette", silhouette_keep)
+#: The shape-free headline control: a disk of the object's exact area at its centroid.
+CONTROL_HOLES.register("area_disk", area_matched_disk)
 CONTROL_HOLES.register("bbox", bbox_keep)
-CONTROL_HOLES.register("broken", broken_keep)
+CONTROL_HOLES.register("enclosing_disk", enclosing_disk)
+#: The paper's rolled silhouette, made a control: the least-overlapping roll, object kept intact.
+CONTROL_HOLES.register("broken", intact_broken_keep)
+#: The paper's raw roll (can remove the object itself; for comparison with the paper only).
+CONTROL_HOLES.register("broken_rolled", broken_keep)
 
 # --- donors: class-neutral content, built for all N rows once and cached -------------
 
