@@ -103,8 +103,8 @@ def shape_model():
     return train_shape_model()
 
 
-OPTIONS = {"shape_only": {"donors": ["grey", "noise"], "n_permutations": 400},
-           "linear_probe": {"folds": 4, "max_iter": 300},
+OPTIONS = {"shape_only": {"donors": ["grey", "noise"], "n_permutations": 2000},
+           "linear_probe": {"folds": 4, "n_permutations": 200},
            "mask_only": {"kinds": ["silhouette", "bbox"], "train_size": 600, "epochs": 4}}
 
 

@@ -94,7 +94,30 @@ def noise_donor(ctx: ProbeContext) -> Tensor:
 
 @register_donor("background")
 def background_donor(ctx: ProbeContext) -> Tensor:
-    """The image's own background without its object (datasets that can render it)."""
+    """Another image's background without its object (datasets that can render it): row ``i`` gets
+    the background of a random row ``j ≠ i`` (:func:`other_row`, seeded per row).
+
+    Not the row's own background: on the ``correct`` subset the row is selected by the model's answer
+    on image ``i``, and a donor that keeps image ``i``'s background would carry whatever the model read
+    there into the shape-only input (a background reader then scores above chance on that subset).
+    With another image's background the donor is independent of the image that selects the row, and
+    the input differs from ``object_removal``'s silhouette arm (which keeps the row's own background)."""
+    own = own_backgrounds(ctx)
+    check_background(ctx.images, ctx.require_objects("donor 'background'"), own)
+    rows = torch.arange(own.shape[0])
+    return own[other_row(own.shape[0], ctx.random("donor", "background_row", rows, "cpu"))]
+
+
+def other_row(n: int, random: SampleRandom) -> Tensor:
+    """For each of ``n`` rows a uniformly random other row ``(n,)`` int64 (itself only when n = 1)."""
+    if n < 2:
+        return torch.zeros(n, dtype=torch.long)
+    r = rng.randint(random, 0, n - 1, (n, 1), device="cpu")[:, 0]
+    return r + (r >= torch.arange(n)).long()
+
+
+def own_backgrounds(ctx: ProbeContext) -> Tensor:
+    """Each row's own background without its object ``(N, 3, H, W)`` (datasets that can render it)."""
     ds, idx = ctx.dataset, ctx.dataset_indices
     render = getattr(ds, "background", None)
     if render is None and _is_shapes(ds):
