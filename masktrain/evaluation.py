@@ -231,7 +231,7 @@ def report_fdr(report_probes: dict, alpha: float = 0.05) -> dict:
     seen: set[int] = set()
     for path, verdict in iter_verdicts(report_probes):
         if id(verdict) in seen:
-            continue  # shape_only's headline entry shares its first donor's verdict
+            continue  # a headline entry can share a verdict with one of its sub-entries (the first donor)
         seen.add(id(verdict))
         families["correct" if "correct" in path else "all"].append(verdict)
     out = {}

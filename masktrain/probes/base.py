@@ -260,7 +260,13 @@ class Probe:
         note = f"; chance {100 * chance:.1f}%" if chance and self.reference == "chance" else ""
         lines = [f"## {self.name}", "", f"{self.study_headline or self.headline}{unit}{note}", ""]
         lines += study_table(study, cells, keys, lambda c: fmt_spread(c, self.percent))
-        return lines + [""]
+        lines += [""]
+        if any("reads_shape" in s for by_key in cells.values() for c in by_key.values() for s in c.get("seeds", {}).values()):
+            lines += ["Reads shape — seeds whose verdict is significant after Benjamini–Hochberg across the study "
+                      "(direction: toward / away / other):", ""]
+            lines += study_table(study, cells, keys, seeds_reading)
+            lines += [""]
+        return lines
 
     def study_panels(self, study: dict, cells: dict[str, dict[str, dict]]) -> list[Panel]:
         """Panels of study.png: by default grouped bars (keys × regimes), whiskers = sd over seeds."""
@@ -336,6 +342,15 @@ def difference_entry(ctx: ProbeContext, a: np.ndarray, b: np.ndarray, labels: np
 
 # --- formatting helpers the presentation hooks share -------------------------------------
 
+def verdict_text(v: dict) -> str:
+    """A verdict in a table cell: direction, or "no", with the report-level q-value when known."""
+    if not v:
+        return "–"
+    word = v.get("direction", "none") if v.get("significant_report", v.get("significant")) else "no"
+    q = v.get("q_report")
+    return f"{word} (q={q:.2g})" if q is not None else word
+
+
 def fmt_num(v: Any, digits: int = 3) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "–"
@@ -359,6 +374,27 @@ def fmt_spread(cell: dict | None, pct: bool = True) -> str:
     if cell.get("n_seeds", 0) > 1:
         text += f" ± {100 * cell['std']:.1f}" if pct else f" ± {cell['std']:.3f}"
     return text
+
+
+def reading_seeds(cell: dict | None) -> list[str]:
+    """Directions of the seeds of an aggregated study cell whose verdict reads shape (study-wide BH)."""
+    out = []
+    for s in (cell or {}).get("seeds", {}).values():
+        v = s.get("reads_shape") or {}
+        if v.get("significant_study", v.get("significant_report", v.get("significant"))):
+            out.append(v.get("direction", "other"))
+    return out
+
+
+def seeds_reading(cell: dict | None) -> str:
+    """``k/n`` seeds reading shape, with their directions, for a study table cell."""
+    if not cell or not cell.get("seeds"):
+        return "—"
+    dirs = reading_seeds(cell)
+    n = len(cell["seeds"])
+    if not dirs:
+        return f"0/{n}"
+    return f"{len(dirs)}/{n} ({', '.join(sorted(set(dirs)))})"
 
 
 def study_keys(study: dict, cells: dict[str, dict[str, dict]]) -> list[str]:

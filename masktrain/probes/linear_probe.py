@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from masktrain import stats
-from masktrain.probes.base import Probe, ProbeContext, accuracy_entry, register_probe
+from masktrain.probes.base import Probe, ProbeContext, accuracy_entry, fmt_num, register_probe, verdict_text
 from masktrain.rng import derive_seed, name_key
 
 
@@ -137,3 +137,23 @@ class LinearProbe(Probe):
         entry["leakage"] = {"value": entry["value"] - control["value"], "p_value": stats.mcnemar(pred == y, ctrl == y)}
         entry["reads_shape"] = self.verdict(entry, {"accuracy": p_value, "leakage": entry["leakage"]["p_value"]}, opts.alpha)
         return entry
+
+    def report_rows(self, cols):
+        kind = next(iter(cols.values()), {}).get("key_kind", self.key_kind)
+        lines = [f"| {kind} | subset | accuracy | permutation p | null mean | control (disk) | reads shape | n |",
+                 "|---|---|---|---|---|---|---|---|"]
+        for key, entry in cols.items():
+            for e in (entry, entry["correct"]):
+                lines.append(f"| {key} | {e['subset']} | {fmt_num(e['value'])} | {fmt_num(e.get('p_value'))} | "
+                             f"{fmt_num((e.get('null') or {}).get('mean'))} | {fmt_num((e.get('control') or {}).get('value'))} | "
+                             f"{verdict_text(e.get('reads_shape') or {})} | {e['n']} |")
+        return lines
+
+    def summary_columns(self, entry):
+        return {"p_value": entry.get("p_value"), "reads_shape": verdict_text(entry.get("reads_shape") or {})}
+
+    def study_cell(self, entry):
+        cell = super().study_cell(entry)
+        if entry.get("reads_shape"):
+            cell["reads_shape"] = entry["reads_shape"]
+        return cell

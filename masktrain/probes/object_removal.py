@@ -19,7 +19,7 @@ import torch
 
 from masktrain import stats
 from masktrain.probes.base import (Probe, ProbeContext, accuracy_entry, difference_entry, fmt_ci, fmt_num, predict,
-                                   register_probe)
+                                   register_probe, verdict_text)
 from masktrain.probes.inputs import CONTROL_HOLES
 from masktrain.rng import derive_seed, name_key
 
@@ -101,11 +101,3 @@ class ObjectRemoval(Probe):
             cell["reads_shape"] = entry["reads_shape"]
         return cell
 
-
-def verdict_text(v: dict) -> str:
-    """A verdict in a table cell: direction, or "no", with the report-level q-value when known."""
-    if not v:
-        return "–"
-    word = v.get("direction", "none") if v.get("significant_report", v.get("significant")) else "no"
-    q = v.get("q_report")
-    return f"{word} (q={q:.2g})" if q is not None else word

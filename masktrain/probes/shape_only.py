@@ -19,7 +19,7 @@ import torch
 from masktrain import stats
 from masktrain.rng import derive_seed, name_key
 from masktrain.probes.base import (Probe, ProbeContext, accuracy_entry, difference_entry, fmt_ci, fmt_num, fmt_spread,
-                                   register_probe, study_keys, study_table)
+                                   register_probe, study_keys, study_table, verdict_text)
 
 
 @dataclass
@@ -109,13 +109,13 @@ class ShapeOnly(Probe):
                 for donor, d in e["donors"].items():
                     lines.append(f"| {key} | {donor} | {d['subset']} | {fmt_num(d['value'])} | {fmt_ci(d['ci95'])} | "
                                  f"{fmt_num(d['control']['value'])} | {fmt_num(d['mi']['value'])} | {fmt_num(d['mi']['p_value'])} | "
-                                 f"{d['reads_shape']['direction']} | {fmt_num(d['fill_contrast']['value'])} | {d['n']} |")
+                                 f"{verdict_text(d['reads_shape'])} | {fmt_num(d['fill_contrast']['value'])} | {d['n']} |")
         return lines
 
     def summary_columns(self, entry):
         mi = entry.get("mi", {})
         return {"mi_bits": mi.get("value"), "mi_p": mi.get("p_value"), "control": entry.get("control", {}).get("value"),
-                "reads_shape": entry.get("reads_shape", {}).get("direction")}
+                "reads_shape": verdict_text(entry.get("reads_shape") or {})}
 
     def study_cell(self, entry):
         cell = super().study_cell(entry)
@@ -138,8 +138,12 @@ class ShapeOnly(Probe):
         return lines + [""]
 
     def study_check(self, study, cells):
-        """Does the baseline read shape? Its shape-only accuracy must be clearly above chance
-        (the lower end of the 95% interval above chance) in every seed, for some fill."""
+        """Does the baseline read shape? The same decision as every entry: the headline verdict
+        (``reads_shape``: accuracy vs. ``chance_independent``, MI, leakage vs. the area-matched disk;
+        Holm within the entry, Benjamini–Hochberg across the study) must be significant in every
+        seed, for some fill — toward *or* away (a model that avoids the shape's class reads it)."""
+        from masktrain.probes.base import reading_seeds
+
         title = "Does the baseline read shape?"
         base = cells.get("baseline", {})
         if not base:
@@ -148,18 +152,19 @@ class ShapeOnly(Probe):
                                "can read shape, so 'no leakage' would mean nothing"}
         per_method = {}
         for method, cell in base.items():
-            chance = cell.get("chance") or 0.0
-            above = [s["ci95"] is not None and s["ci95"][0] > chance for s in cell["seeds"].values()]
-            per_method[method] = {"mean": cell["mean"], "chance": chance, "seeds_above_chance": sum(above), "n_seeds": len(above)}
-        reading = [m for m, v in per_method.items() if v["n_seeds"] and v["seeds_above_chance"] == v["n_seeds"]]
+            dirs = reading_seeds(cell)
+            per_method[method] = {"mean": cell["mean"], "chance": cell.get("chance"), "seeds_reading_shape": len(dirs),
+                                  "directions": sorted(set(dirs)), "n_seeds": len(cell["seeds"])}
+        reading = [m for m, v in per_method.items() if v["n_seeds"] and v["seeds_reading_shape"] == v["n_seeds"]]
         if reading:
-            best = max(reading, key=lambda m: per_method[m]["mean"])
+            best = max(reading, key=lambda m: per_method[m]["mean"] or 0.0)
             v = per_method[best]
-            message = (f"yes: the baseline reads shape — shape-only accuracy with the {best} fill is {v['mean']:.1%} "
-                       f"against chance {v['chance']:.1%}, clearly above chance in {v['seeds_above_chance']}/{v['n_seeds']} seeds")
+            message = (f"yes: the baseline reads shape — with the {best} fill the shape-only verdict is significant "
+                       f"(study-wide Benjamini–Hochberg) in {v['seeds_reading_shape']}/{v['n_seeds']} seeds "
+                       f"(direction: {', '.join(v['directions'])}; accuracy {v['mean']:.1%}, chance {v['chance']:.1%})")
             status = "reads_shape"
         else:
-            message = ("NO: the baseline's shape-only accuracy is not clearly above chance for any fill; the models may not "
-                       "have learned shape, so low leakage in the augmented regimes means nothing")
+            message = ("NO: the baseline's shape-only verdict is not significant in every seed for any fill; the models may "
+                       "not have learned shape, so low leakage in the augmented regimes means nothing")
             status = "does_not_read_shape"
         return {"title": title, "status": status, "message": message, "per_method": per_method}
