@@ -176,3 +176,25 @@ if __name__ == "__main__":
         print(name, "SO", {d: (round(x["value"], 3), round(x["control"]["value"], 3), round(x["mi"]["excess"], 3)) for d, x in s.items()})
         lp = rep["probes"]["linear_probe"]["black"]
         print(name, "LP", round(lp["value"], 3), round(lp["control"]["value"], 3), round(lp["null"]["mean"], 3))
+
+
+def test_verdict_with_one_p_value_keeps_the_old_contract():
+    """A probe that does not name its tests (e.g. a plugin written before issue 13) still gets a verdict."""
+    from masktrain.probes.base import Probe
+
+    entry = {"ci95": [0.3, 0.4], "chance": 0.1}
+    v = Probe().verdict(entry, 0.01, 0.05)
+    assert v["significant"] and v["direction"] == "toward" and v["p_value"] == 0.01
+    assert Probe().verdict(entry, 0.2, 0.05)["direction"] == "none"
+
+
+def test_verdict_needs_the_control_and_another_test():
+    from masktrain.probes.base import Probe
+
+    entry = {"ci95": [0.3, 0.4], "chance": 0.1, "chance_independent": 0.1}
+    assert not Probe().verdict(entry, {"accuracy": 1e-9, "mi": 1e-4, "leakage": 0.5})["significant"]  # the control explains it
+    assert not Probe().verdict(entry, {"accuracy": 0.5, "mi": 0.5, "leakage": 1e-9})["significant"]   # nothing to explain
+    v = Probe().verdict(entry, {"accuracy": 0.02, "mi": 0.5, "leakage": 0.02})
+    assert v["tests"]["accuracy"]["p_holm"] == pytest.approx(0.06) and not v["significant"]  # Holm within the entry
+    v = Probe().verdict(entry, {"accuracy": 0.5, "mi": 1e-4, "leakage": 1e-3})
+    assert v["significant"] and v["direction"] == "other"
