@@ -1,6 +1,6 @@
 """Probe inputs: control holes (area-matched disk, bounding box, enclosing disk, intact
 "broken"; built in :mod:`masktrain.control_holes`), class-neutral donors, silhouette
-partners for the shuffled control, and how visible a fill is on its donor.
+partners in another class, and how visible a fill is on its donor.
 
 Object masks are ``(B, 1, H, W)`` {0, 1} with 1 = object; every function here returns
 keep masks (1 = visible), per the package convention.

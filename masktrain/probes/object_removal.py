@@ -54,6 +54,10 @@ class ObjectRemoval(Probe):
                 return method.logits(ctx.model, images, make_keep(obj), ctx.random(self.name, f"{key}/{hole}", rows))
 
             records[f"pred_{hole}"] = predict(ctx, run).argmax(dim=1)
+        # How much of the object the disk removes (it has the object's area, not its support).
+        obj = objects[ctx.shard]
+        removed = (1 - CONTROL_HOLES.get(CONTROL)(obj)) * (obj > 0.5)
+        records["disk_coverage"] = removed.sum(dim=(1, 2, 3)) / (obj > 0.5).sum(dim=(1, 2, 3)).clamp_min(1)
         return records
 
     def summarise(self, ctx, key, records, rows, subset):
@@ -76,7 +80,15 @@ class ObjectRemoval(Probe):
                                                 derive_seed(seed, 9), n_boot=min(ctx.n_boot, 500))
         entry["reads_shape"] = self.verdict(entry, {"accuracy": sil["p_value"], "mi": entry["mi"]["p_value"],
                                                     "leakage": entry["p_value"]}, opts.alpha, accuracy=sil)
+        coverage = float(records["disk_coverage"][rows].mean()) if rows.any() else float("nan")
+        entry["disk_coverage"] = coverage
         entry["flags"] = []
+        if entry["reads_shape"]["significant"] and (entry["value"] or 0.0) < 0:
+            # The disk leaves (1 - coverage) of the object visible: its accuracy can exceed the silhouette's from those
+            # remnants, so a negative leakage is not by itself a shape reader; shape_only's donors have no remnants.
+            entry["flags"].append(f"negative_leakage: acc(disk) > acc(silhouette) and the verdict is significant; the disk "
+                                  f"leaves {1 - coverage:.0%} of the object visible on average, so check shape_only (no remnants) "
+                                  f"before reading this as shape")
         return entry
 
     def report_rows(self, cols):

@@ -55,7 +55,7 @@ class SharedInputs:
         return self._get(("donor", name), lambda: DONORS.get(name)(ctx))
 
     def partners(self) -> Tensor:
-        """Row of the other-class silhouette used by the shuffled control, per row ``(N,)`` (same on every rank)."""
+        """A random other-class row per row ``(N,)`` (same on every rank), for probes that pair rows across classes."""
         ctx = self.ctx
         rows = torch.arange(len(ctx.labels))
         return self._get("partners", lambda: other_class_partner(ctx.labels, ctx.random(STREAM, "partner", rows, "cpu")))
