@@ -206,6 +206,7 @@ def evaluate(
             timings[f"{probe.name}/{key}"] = round(time.perf_counter() - t0, 3)
             log(f"  {probe.name:18s} {key:14s} value={_fmt(entry.get('value'))} ci95={_fmt_ci(entry.get('ci95'))} ({timings[f'{probe.name}/{key}']:.1f}s)")
 
+    fdr = report_fdr(report_probes)
     flags = [f"{p}/{key}: {flag}" for p, cols in report_probes.items() for key, e in cols.items() for flag in e.get("flags", [])]
     if clean["all"]["ci95"][0] <= 1.0 / k:
         flags.append("model: unmasked accuracy is not above chance; no probe result means the model reads or ignores shape")
@@ -219,10 +220,33 @@ def evaluate(
                     "clean_accuracy": clean["all"], "correct_subset_n": int(subsets["correct"].sum())},
         "clean_accuracy": clean,
         "flags": flags,
+        "multiplicity": fdr,
         "config": {"probes": probes, "methods": methods, "split": split, "n_images": n, "batch_size": batch_size,
                    "seed": seed, "n_boot": n_boot, "options": options, "world_size": world},
         "timing": {"total_s": round(time.perf_counter() - started, 3), "per_probe_s": timings, "device": str(dev)},
     }
+
+
+def report_fdr(report_probes: dict, alpha: float = 0.05) -> dict:
+    """Benjamini–Hochberg over every ``reads_shape`` verdict of a report, one family per subset
+    (``all``: the headline; ``correct``), in place: each verdict gains ``q_report``,
+    ``significant_report`` and ``family_report``. Returns the families' sizes."""
+    from masktrain.probes.base import apply_fdr, iter_verdicts
+
+    families: dict[str, list[dict]] = {"all": [], "correct": []}
+    seen: set[int] = set()
+    for path, verdict in iter_verdicts(report_probes):
+        if id(verdict) in seen:
+            continue  # a headline entry can share a verdict with one of its sub-entries (the first donor)
+        seen.add(id(verdict))
+        families["correct" if "correct" in path else "all"].append(verdict)
+    out = {}
+    for subset, verdicts in families.items():
+        family = (f"every reads_shape verdict of this report on subset {subset!r} "
+                  f"(probe × key × donor; {len(verdicts)} tests)")
+        apply_fdr(verdicts, alpha, "report", family)
+        out[subset] = {"tests": len(verdicts), "method": "Benjamini–Hochberg", "alpha": alpha, "family": family}
+    return out
 
 
 def _fmt(v) -> str:

@@ -89,11 +89,28 @@ def mutual_information(labels: np.ndarray, preds: np.ndarray, k: int) -> float:
     return float(mutual_information_from_counts(contingency(labels, preds, k)))
 
 
+def miller_madow_correction(counts: np.ndarray) -> np.ndarray:
+    """Miller–Madow bias correction (bits) of the plug-in MI from joint counts ``(..., K, K)``:
+    each entropy gains (m − 1) / (2n ln 2) for its m occupied cells, so MI gains
+    ((m_x − 1) + (m_y − 1) − (m_xy − 1)) / (2n ln 2)."""
+    counts = np.asarray(counts)
+    n = np.maximum(counts.sum(axis=(-2, -1)), 1)
+    m_xy = (counts > 0).sum(axis=(-2, -1))
+    m_x = (counts.sum(axis=-1) > 0).sum(axis=-1)
+    m_y = (counts.sum(axis=-2) > 0).sum(axis=-1)
+    return ((m_x - 1) + (m_y - 1) - (m_xy - 1)) / (2 * n * math.log(2))
+
+
+def mutual_information_mm(counts: np.ndarray) -> np.ndarray:
+    """Miller–Madow bias-corrected MI (bits) from joint counts ``(..., K, K)`` (can be slightly negative)."""
+    return mutual_information_from_counts(counts) + miller_madow_correction(counts)
+
+
 def mi_permutation_test(
     labels: np.ndarray,
     preds: np.ndarray,
     k: int,
-    n_permutations: int = 1000,
+    n_permutations: int = 10000,
     seed: int | np.random.Generator = 0,
     n_boot: int = 500,
 ) -> dict:
@@ -101,33 +118,98 @@ def mi_permutation_test(
 
     Permuting the labels against the predictions reproduces the shuffled-silhouette
     control (silhouette class unrelated to the input) with the same marginals, so the
-    null includes the plug-in estimator's positive bias. p-value = (1 + #{null >= observed}) / (1 + P).
+    null includes the plug-in estimator's positive bias. p-value = (1 + #{null >= observed}) / (1 + P),
+    one-sided (MI is large under any dependence, toward or away). All ``P`` permutations are one
+    batched contingency count (``(P, n)`` index matrix), ~0.5 s for P = 10⁴, n = 500.
 
-    Returns ``{"value", "p_value", "null_mean", "null_q95", "excess", "ci95", "n", "n_permutations"}``.
+    ``value`` is the plug-in MI (bits); ``miller_madow`` the bias-corrected estimate; ``ci95`` is the
+    bootstrap percentile interval of the Miller–Madow estimate, shifted so the bootstrap
+    distribution is centred on the estimate (resamples repeat rows, which adds bias of their own).
+    Measured (K = 10, n = 300, 100 runs each): it covers 0 in 92% of independent runs (the plug-in's
+    percentile interval: never) and the true MI in 93% of dependent ones.
+
+    Returns ``{"value", "miller_madow", "p_value", "null_mean", "null_q95", "excess", "ci95", "n", "n_permutations"}``.
     """
     labels = np.asarray(labels, dtype=np.int64)
     preds = np.asarray(preds, dtype=np.int64)
     n = len(labels)
     observed = mutual_information(labels, preds, k)
     if n < 2:
-        return {"value": observed, "p_value": 1.0, "null_mean": 0.0, "null_q95": 0.0, "excess": 0.0,
-                "ci95": [0.0, 0.0], "n": n, "n_permutations": 0}
+        return {"value": observed, "miller_madow": 0.0, "p_value": 1.0, "null_mean": 0.0, "null_q95": 0.0, "excess": 0.0,
+                "ci95": [0.0, 0.0], "n": n, "n_permutations": 0, "unit": "bits", "interval": "bias-shifted bootstrap, Miller–Madow"}
     rng = _rng(seed)
-    perm = np.argsort(rng.random((n_permutations, n)), axis=1)
-    null = mutual_information_from_counts(contingency(labels[perm], np.broadcast_to(preds, perm.shape), k))
+    perm = rng.permuted(np.broadcast_to(labels, (n_permutations, n)), axis=1)
+    null = mutual_information_from_counts(contingency(perm, np.broadcast_to(preds, perm.shape), k))
     p_value = float((1 + np.sum(null >= observed - 1e-12)) / (1 + n_permutations))
-    ci = bootstrap_ci(lambda idx: mutual_information_from_counts(contingency(labels[idx], preds[idx], k)), n, n_boot, rng)
+    mm = float(mutual_information_mm(contingency(labels, preds, k)))
+    idx = rng.integers(0, n, size=(n_boot, n))
+    boot = mutual_information_mm(contingency(labels[idx], preds[idx], k))
+    # Resamples repeat rows, which adds plug-in bias that Miller–Madow does not remove: centre the
+    # bootstrap distribution on the estimate (bias-shifted percentile interval).
+    lo, hi = np.quantile(boot - (boot.mean() - mm), [0.025, 0.975])
     return {
         "value": observed,
+        "miller_madow": mm,
         "p_value": p_value,
         "null_mean": float(null.mean()),
         "null_q95": float(np.quantile(null, 0.95)),
         "excess": observed - float(null.mean()),
-        "ci95": [ci[0], ci[1]],
+        "ci95": [float(lo), float(hi)],
+        "interval": "bias-shifted bootstrap, Miller–Madow",
         "n": n,
         "n_permutations": int(n_permutations),
         "unit": "bits",
     }
+
+
+# --- tests and multiplicity ----------------------------------------------------------------
+
+def binomial_greater(k: int, n: int, p0: float) -> float:
+    """One-sided exact binomial p-value of ``k`` successes in ``n`` against success rate ``p0`` (H1: rate > p0)."""
+    from scipy.stats import binomtest
+
+    if n <= 0 or not np.isfinite(p0):
+        return 1.0
+    return float(binomtest(int(k), int(n), min(max(float(p0), 0.0), 1.0), alternative="greater").pvalue)
+
+
+def mcnemar(a: np.ndarray, b: np.ndarray) -> float:
+    """Exact two-sided McNemar p-value for paired successes ``a``, ``b`` ``(n,)`` bool: a binomial test of
+    the discordant pairs (a only vs. b only) against 1/2. Tests acc(a) − acc(b) ≠ 0 on the same rows."""
+    from scipy.stats import binomtest
+
+    a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
+    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
+    if only_a + only_b == 0:
+        return 1.0
+    return float(binomtest(only_a, only_a + only_b, 0.5, alternative="two-sided").pvalue)
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm step-down adjusted p-values (family-wise error), in the input order."""
+    p = np.asarray([1.0 if v is None or not np.isfinite(v) else float(v) for v in p_values], dtype=np.float64)
+    m = len(p)
+    if m == 0:
+        return []
+    order = np.argsort(p, kind="stable")
+    adj = np.maximum.accumulate((m - np.arange(m)) * p[order])
+    out = np.empty(m)
+    out[order] = np.minimum(adj, 1.0)
+    return [float(v) for v in out]
+
+
+def benjamini_hochberg(p_values: Sequence[float]) -> list[float]:
+    """Benjamini–Hochberg adjusted p-values (q-values; false-discovery rate), in the input order."""
+    p = np.asarray([1.0 if v is None or not np.isfinite(v) else float(v) for v in p_values], dtype=np.float64)
+    m = len(p)
+    if m == 0:
+        return []
+    order = np.argsort(p, kind="stable")
+    scaled = p[order] * m / np.arange(1, m + 1)
+    adj = np.minimum.accumulate(scaled[::-1])[::-1]
+    out = np.empty(m)
+    out[order] = np.minimum(adj, 1.0)
+    return [float(v) for v in out]
 
 
 def entropy_bits(probs: np.ndarray, axis: int = -1) -> np.ndarray:

@@ -90,6 +90,25 @@ def aggregate(reports: dict[tuple[str, int], dict]) -> dict[str, Any]:
     return table
 
 
+def study_fdr(reports: dict[tuple[str, int], dict], alpha: float = 0.05) -> dict[str, Any]:
+    """Benjamini–Hochberg across the study, in place: the family is every headline (``subset: all``)
+    ``reads_shape`` verdict of every run (regime × seed × probe × key × donor); each verdict gains
+    ``q_study`` / ``significant_study`` / ``family_study``. The study's tables and checks read
+    ``significant_study``."""
+    from masktrain.probes.base import apply_fdr, iter_verdicts
+
+    verdicts, seen = [], set()
+    for report in reports.values():
+        for path, verdict in iter_verdicts(report.get("probes", {})):
+            if "correct" not in path and id(verdict) not in seen:
+                seen.add(id(verdict))
+                verdicts.append(verdict)
+    family = (f"every headline (subset 'all') reads_shape verdict of the study: regime × seed × probe × key × donor "
+              f"({len(verdicts)} tests)")
+    apply_fdr(verdicts, alpha, "study", family)
+    return {"tests": len(verdicts), "method": "Benjamini–Hochberg", "alpha": alpha, "family": family}
+
+
 def probe_cells(study: dict[str, Any], probe: str) -> dict[str, dict[str, dict]]:
     """``{regime: {key: cell}}`` of one probe."""
     return {regime: by_probe.get(probe, {}) for regime, by_probe in study["table"].items()}
@@ -179,6 +198,7 @@ def run_study(
         if write:
             write_report(report, root / "reports" / f"{run.regime}_seed{run.seed}", plots=False)
         reports[(run.regime, run.seed)] = report
+    multiplicity = study_fdr(reports)
     table = aggregate(reports)
     regimes = list(dict.fromkeys(r.regime for r in runs))
     study = {
@@ -190,6 +210,7 @@ def run_study(
         "probes": list(probes),
         "n_images": n_images,
         "table": table,
+        "multiplicity": multiplicity,
         "flags": sorted({f"{regime}: {flag}" for (regime, _), rep in reports.items() for flag in rep.get("flags", [])}),
         "hardware": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}"
                     + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),

@@ -14,7 +14,7 @@ K, SIZE, N = 4, 32, 37  # 37: not divisible by the batch sizes or the world size
 PROBES = ["object_removal", "shape_only", "linear_probe", "missingness_curve"]
 METHODS = ["noise", "random_colour"]
 OPTIONS = {"shape_only": {"donors": ["noise", "grey"], "n_permutations": 50},
-           "linear_probe": {"folds": 2, "max_iter": 100},
+           "linear_probe": {"folds": 2, "n_permutations": 50},
            "missingness_curve": {"fractions": [0.0, 0.5, 1.0]}}
 
 

@@ -37,6 +37,11 @@ def test_study_aggregates_regimes_probes_methods_over_seeds(sweep):
     assert study["baseline_check"]["status"] in {"reads_shape", "does_not_read_shape"}
     md = (sweep / "study.md").read_text()
     assert "Does the baseline read shape?" in md and "| mask_aug |" in md
+    # one study-wide BH family over every headline verdict: 4 runs x (2 shape_only donors... ) x 2 methods
+    assert saved["multiplicity"]["tests"] > 0 and "Benjamini" in saved["multiplicity"]["method"]
+    seed_cell = saved["table"]["baseline"]["shape_only"]["black"]["seeds"]["0"]
+    assert "q_study" in seed_cell["reads_shape"] and "q_report" in seed_cell["reads_shape"]
+    assert "Reads shape — seeds whose verdict is significant" in md
     assert (sweep / "study.png").stat().st_size > 1000
     assert (sweep / "reports" / "baseline_seed0" / "report.json").is_file()
 

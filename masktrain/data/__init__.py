@@ -34,5 +34,7 @@ def _lazy(module: str, attr: str) -> Callable:
     return factory
 
 
-for _name in ("shapes", "coco", "voc", "oxford_pet", "folder", "imagenet_s", "in9"):
+for _name in ("shapes", "cues", "coco", "voc", "oxford_pet", "folder", "imagenet_s", "in9"):
     DATASETS.register(_name, _lazy(_name, _name))
+# data=silhouettes is the synthetic set formerly called shapes (the class IS the outline): same factory.
+DATASETS.register("silhouettes", _lazy("shapes", "shapes"))

@@ -72,6 +72,14 @@ SHAPES: dict[str, Shape] = {
 SPLITS = {"train": 0, "val": 1, "test": 2}
 
 
+def smooth_background(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
+    """Class-independent smooth colour noise ``(3, size, size)`` in [0, 1]: a ``cells``² grid of
+    uniform colours, bicubically upsampled (one ``rng.random`` draw)."""
+    grid = rng.random((1, 3, cells, cells), dtype=np.float32)
+    bg = F.interpolate(torch.from_numpy(grid), size=(size, size), mode="bicubic", align_corners=False)
+    return bg[0].clamp_(0, 1).numpy()
+
+
 class ShapesDataset(Dataset):
     """Synthetic silhouettes: K classes, ``length`` samples of ``image_size``² pixels.
 
@@ -124,9 +132,7 @@ class ShapesDataset(Dataset):
         return np.random.default_rng([self.seed, SPLITS[self.split], epoch, index])
 
     def _background(self, rng: np.random.Generator) -> np.ndarray:
-        cells = rng.random((1, 3, self.background_cells, self.background_cells), dtype=np.float32)
-        bg = F.interpolate(torch.from_numpy(cells), size=(self.image_size,) * 2, mode="bicubic", align_corners=False)
-        return bg[0].clamp_(0, 1).numpy()
+        return smooth_background(rng, self.image_size, self.background_cells)
 
     def _texture(self, rng: np.random.Generator, cls: int) -> np.ndarray:
         """Stripes with a class-specific angle and period, as a 0/1 pattern ``(H, W)``."""

@@ -167,23 +167,60 @@ class Probe:
         """A report entry from gathered records restricted to ``rows`` (a bool mask over all N samples)."""
         raise NotImplementedError
 
-    def verdict(self, entry: dict, p_value: float, alpha: float) -> dict:
-        """The decision for one entry: is the dependence significant, and which way does it go.
+    def verdict(self, entry: dict, p_value: "float | dict[str, float]", alpha: float = 0.05,
+                accuracy: dict | None = None) -> dict:
+        """The decision for one entry: does the model read shape, and which way does it go.
 
-        The one place a probe's yes/no comes from: ``significant`` = ``p_value < alpha``; then
-        ``toward`` (interval above the entry's chance: predicts the silhouette's class), ``away``
-        (below: reads the shape and avoids its class) or ``other`` (depends on it otherwise)."""
-        significant = bool(p_value < alpha)
-        lo, hi = entry["ci95"]
-        if not significant:
+        The one place a probe's yes/no comes from. ``p_value`` is either one p-value (a probe
+        with a single test: significant = p < α) or the entry's named tests, combined here:
+
+        - ``accuracy``: accuracy above ``chance_independent`` (one-sided exact binomial),
+        - ``mi``: mutual information above its permutation null (catches toward *and* away),
+        - ``leakage``: the silhouette arm differs from its shape-free control (two-sided exact McNemar),
+        - any other name: one more line of evidence, treated like ``accuracy``/``mi``.
+
+        The p-values are Holm-adjusted within the entry; the model reads shape when the
+        ``leakage`` test rejects (if the entry has one: the control must not explain the effect)
+        **and** at least one other test rejects. The entry's combined ``p_value`` is that rule's
+        p-value (max of the leakage one and the smallest other, after Holm), the number
+        Benjamini–Hochberg adjusts across a report and a study (``q_report``, ``q_study``; see
+        :func:`apply_fdr`). Direction (only when significant), from ``accuracy`` (default: the entry):
+        ``toward`` (its accuracy test rejects: predicts the silhouette's class), ``away`` (its
+        interval lies below ``chance_independent``: reads the shape and avoids its class, or maps it
+        to another class), ``other`` (depends on the shape some other way)."""
+        acc = entry if accuracy is None else accuracy
+        if not isinstance(p_value, dict):
+            significant = bool(p_value < alpha)
+            lo, hi = acc["ci95"]
+            ref = acc.get("chance")
             direction = "none"
-        elif lo > entry["chance"]:
-            direction = "toward"
-        elif hi < entry["chance"]:
-            direction = "away"
+            if significant:
+                direction = "toward" if lo > ref else "away" if hi < ref else "other"
+            return {"significant": significant, "reads_shape": significant, "direction": direction, "alpha": alpha,
+                    "p_value": float(p_value), "rule": "p < alpha"}
+        names = list(p_value)
+        raw = [float(p_value[n]) if p_value[n] is not None else 1.0 for n in names]
+        adjusted = dict(zip(names, stats_holm(raw)))
+        others = [adjusted[n] for n in names if n != "leakage"]
+        if "leakage" in adjusted:
+            combined = max(adjusted["leakage"], min(others)) if others else adjusted["leakage"]
+            rule = "Holm within the entry: leakage vs. the control AND (accuracy vs. chance_independent OR MI vs. permutations)"
         else:
-            direction = "other"
-        return {"significant": significant, "direction": direction, "alpha": alpha}
+            combined = min(others)
+            rule = "Holm within the entry: any of " + ", ".join(names)
+        significant = bool(combined < alpha)
+        direction = "none"
+        if significant:
+            ref = acc.get("chance_independent", acc.get("chance"))
+            if "accuracy" in adjusted and adjusted["accuracy"] < alpha:
+                direction = "toward"
+            elif acc.get("ci95") and ref is not None and acc["ci95"][1] < ref:
+                direction = "away"
+            else:
+                direction = "other"
+        return {"significant": significant, "reads_shape": significant, "direction": direction, "alpha": alpha,
+                "p_value": float(combined), "rule": rule,
+                "tests": {n: {"p_value": r, "p_holm": adjusted[n]} for n, r in zip(names, raw)}}
 
     # --- report.md, plots, W&B -------------------------------------------------------------
     def report_rows(self, cols: dict[str, dict]) -> list[str]:
@@ -225,7 +262,13 @@ class Probe:
         note = f"; chance {100 * chance:.1f}%" if chance and self.reference == "chance" else ""
         lines = [f"## {self.name}", "", f"{self.study_headline or self.headline}{unit}{note}", ""]
         lines += study_table(study, cells, keys, lambda c: fmt_spread(c, self.percent))
-        return lines + [""]
+        lines += [""]
+        if any("reads_shape" in s for by_key in cells.values() for c in by_key.values() for s in c.get("seeds", {}).values()):
+            lines += ["Reads shape — seeds whose verdict is significant after Benjamini–Hochberg across the study "
+                      "(direction: toward / away / other):", ""]
+            lines += study_table(study, cells, keys, seeds_reading)
+            lines += [""]
+        return lines
 
     def study_panels(self, study: dict, cells: dict[str, dict[str, dict]]) -> list[Panel]:
         """Panels of study.png: by default grouped bars (keys × regimes), whiskers = sd over seeds."""
@@ -301,6 +344,15 @@ def difference_entry(ctx: ProbeContext, a: np.ndarray, b: np.ndarray, labels: np
 
 # --- formatting helpers the presentation hooks share -------------------------------------
 
+def verdict_text(v: dict) -> str:
+    """A verdict in a table cell: direction, or "no", with the report-level q-value when known."""
+    if not v:
+        return "–"
+    word = v.get("direction", "none") if v.get("significant_report", v.get("significant")) else "no"
+    q = v.get("q_report")
+    return f"{word} (q={q:.2g})" if q is not None else word
+
+
 def fmt_num(v: Any, digits: int = 3) -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "–"
@@ -326,6 +378,27 @@ def fmt_spread(cell: dict | None, pct: bool = True) -> str:
     return text
 
 
+def reading_seeds(cell: dict | None) -> list[str]:
+    """Directions of the seeds of an aggregated study cell whose verdict reads shape (study-wide BH)."""
+    out = []
+    for s in (cell or {}).get("seeds", {}).values():
+        v = s.get("reads_shape") or {}
+        if v.get("significant_study", v.get("significant_report", v.get("significant"))):
+            out.append(v.get("direction", "other"))
+    return out
+
+
+def seeds_reading(cell: dict | None) -> str:
+    """``k/n`` seeds reading shape, with their directions, for a study table cell."""
+    if not cell or not cell.get("seeds"):
+        return "—"
+    dirs = reading_seeds(cell)
+    n = len(cell["seeds"])
+    if not dirs:
+        return f"0/{n}"
+    return f"{len(dirs)}/{n} ({', '.join(sorted(set(dirs)))})"
+
+
 def study_keys(study: dict, cells: dict[str, dict[str, dict]]) -> list[str]:
     """The report keys present in any regime, masking methods in the study's order first."""
     methods = study.get("methods", [])
@@ -344,3 +417,31 @@ def study_table(study: dict, cells: dict[str, dict[str, dict]], keys: list[str],
         by_key = cells.get(regime, {})
         lines.append(f"| {regime} | " + " | ".join(show(by_key.get(k)) for k in keys) + " |")
     return lines
+
+
+def stats_holm(p_values):
+    from masktrain import stats
+
+    return stats.holm(p_values)
+
+
+def iter_verdicts(node: Any, path: tuple = ()):
+    """Every verdict dict (a ``reads_shape`` entry with a combined ``p_value``) under ``node``, with its path."""
+    if isinstance(node, dict):
+        for name, value in node.items():
+            if name == "reads_shape" and isinstance(value, dict) and "p_value" in value:
+                yield path, value
+            elif name not in ("per_class",):
+                yield from iter_verdicts(value, path + (name,))
+
+
+def apply_fdr(verdicts: list[dict], alpha: float, level: str, family: str) -> None:
+    """Benjamini–Hochberg over ``verdicts`` (in place): each gets ``q_<level>``, ``significant_<level>``
+    (q < α) and ``family_<level>`` (a sentence naming the family)."""
+    from masktrain import stats
+
+    qs = stats.benjamini_hochberg([v["p_value"] for v in verdicts])
+    for v, q in zip(verdicts, qs):
+        v[f"q_{level}"] = q
+        v[f"significant_{level}"] = bool(q < alpha)
+        v[f"family_{level}"] = family

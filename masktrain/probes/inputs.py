@@ -1,5 +1,6 @@
-"""Probe inputs: control holes (bounding box, "broken"), class-neutral donors, silhouette
-partners for the shuffled control, and how visible a fill is on its donor.
+"""Probe inputs: control holes (area-matched disk, bounding box, enclosing disk, intact
+"broken"; built in :mod:`masktrain.control_holes`), class-neutral donors, silhouette
+partners in another class, and how visible a fill is on its donor.
 
 Object masks are ``(B, 1, H, W)`` {0, 1} with 1 = object; every function here returns
 keep masks (1 = visible), per the package convention.
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from masktrain.control_holes import area_matched_disk, enclosing_disk, intact_broken_keep
 from masktrain.errors import UserError
 from masktrain.probes.base import ProbeContext
 from masktrain.registry import Registry
@@ -45,15 +47,25 @@ def bbox_keep(objects: Tensor) -> Tensor:
 
 
 def broken_keep(objects: Tensor) -> Tensor:
-    """The paper's "broken" mask: the silhouette rolled by half the image in both directions."""
+    """The paper's raw "broken" mask: the silhouette rolled by half the image in both directions.
+
+    On objects that fill much of the image it often lands on the object itself (it removes
+    object evidence, so it is no control); the registered ``broken`` hole is
+    :func:`masktrain.control_holes.intact_broken_keep`, which leaves the object intact."""
     H, W = objects.shape[-2:]
     return silhouette_keep(torch.roll(objects, shifts=(H // 2, W // 2), dims=(2, 3)))
 
 
 CONTROL_HOLES: Registry[Callable[[Tensor], Tensor]] = Registry("control hole", "probe_options.mask_only.kinds")
 CONTROL_HOLES.register("silhouette", silhouette_keep)
+#: The shape-free headline control: a disk of the object's exact area at its centroid.
+CONTROL_HOLES.register("area_disk", area_matched_disk)
 CONTROL_HOLES.register("bbox", bbox_keep)
-CONTROL_HOLES.register("broken", broken_keep)
+CONTROL_HOLES.register("enclosing_disk", enclosing_disk)
+#: The paper's rolled silhouette, made a control: the least-overlapping roll, object kept intact.
+CONTROL_HOLES.register("broken", intact_broken_keep)
+#: The paper's raw roll (can remove the object itself; for comparison with the paper only).
+CONTROL_HOLES.register("broken_rolled", broken_keep)
 
 # --- donors: class-neutral content, built for all N rows once and cached -------------
 
@@ -82,7 +94,30 @@ def noise_donor(ctx: ProbeContext) -> Tensor:
 
 @register_donor("background")
 def background_donor(ctx: ProbeContext) -> Tensor:
-    """The image's own background without its object (datasets that can render it)."""
+    """Another image's background without its object (datasets that can render it): row ``i`` gets
+    the background of a random row ``j ≠ i`` (:func:`other_row`, seeded per row).
+
+    Not the row's own background: on the ``correct`` subset the row is selected by the model's answer
+    on image ``i``, and a donor that keeps image ``i``'s background would carry whatever the model read
+    there into the shape-only input (a background reader then scores above chance on that subset).
+    With another image's background the donor is independent of the image that selects the row, and
+    the input differs from ``object_removal``'s silhouette arm (which keeps the row's own background)."""
+    own = own_backgrounds(ctx)
+    check_background(ctx.images, ctx.require_objects("donor 'background'"), own)
+    rows = torch.arange(own.shape[0])
+    return own[other_row(own.shape[0], ctx.random("donor", "background_row", rows, "cpu"))]
+
+
+def other_row(n: int, random: SampleRandom) -> Tensor:
+    """For each of ``n`` rows a uniformly random other row ``(n,)`` int64 (itself only when n = 1)."""
+    if n < 2:
+        return torch.zeros(n, dtype=torch.long)
+    r = rng.randint(random, 0, n - 1, (n, 1), device="cpu")[:, 0]
+    return r + (r >= torch.arange(n)).long()
+
+
+def own_backgrounds(ctx: ProbeContext) -> Tensor:
+    """Each row's own background without its object ``(N, 3, H, W)`` (datasets that can render it)."""
     ds, idx = ctx.dataset, ctx.dataset_indices
     render = getattr(ds, "background", None)
     if render is None and _is_shapes(ds):

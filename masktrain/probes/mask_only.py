@@ -1,7 +1,8 @@
 """``mask_only`` (ROAD-style): how much class information the keep masks carry at all.
 
 A tiny CNN sees only the keep mask (no image), is trained on masks of a train split and
-scored on the evaluation masks. It is the ceiling on what a mask can leak; method
+scored on the evaluation masks. Its accuracy is a lower bound on the class information the
+masks carry (what this small classifier extracts), not a ceiling on what can leak; method
 independent, so its report keys are mask kinds (``silhouette``, ``bbox``, ``broken``).
 """
 from __future__ import annotations

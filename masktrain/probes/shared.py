@@ -1,9 +1,10 @@
 """Inputs several probes read, computed once per evaluation in whatever order probes ask.
 
 ``ctx.shared`` (one :class:`SharedInputs` per evaluation) memoises: the clean logits of
-this rank's rows, donors, the other-class partners of the shuffled control, and the
-model's outputs on *shape-only inputs* — a donor with a silhouette removed and filled by a
-masking method. Probes never import each other: ``shape_only`` scores those outputs'
+this rank's rows, donors, the other-class partners, and the model's outputs on *shape-only
+inputs* — a donor with a silhouette removed and filled by a masking method — and on their
+shape-free control: the same donor with an area-matched disk (same area and centroid as the
+silhouette, no outline; :func:`masktrain.control_holes.area_matched_disk`) removed instead. Probes never import each other: ``shape_only`` scores those outputs'
 logits, ``linear_probe`` fits on their pooled features, and whichever asks first computes
 them (with features, if any probe declared ``want_features`` in its ``prepare``), so the
 model runs once per (method, donor, control) and both probes see exactly the same inputs.
@@ -16,7 +17,8 @@ import torch
 from torch import Tensor
 
 from masktrain.probes.base import ProbeContext, predict
-from masktrain.probes.inputs import DONORS, check_background, fill_contrast, other_class_partner, silhouette_keep
+from masktrain.control_holes import area_matched_disk
+from masktrain.probes.inputs import DONORS, fill_contrast, other_class_partner, silhouette_keep
 
 #: The ``probe`` part of the per-sample seeds of shape-only inputs (seed, "shape_only_inputs", key, row).
 STREAM = "shape_only_inputs"
@@ -50,32 +52,27 @@ class SharedInputs:
         """All N donor images ``(N, 3, H, W)`` for donor ``name``."""
         ctx = self.ctx
 
-        def compute() -> Tensor:
-            images = DONORS.get(name)(ctx)
-            if name == "background":
-                check_background(ctx.images, ctx.require_objects("shape-only inputs"), images)
-            return images
-
-        return self._get(("donor", name), compute)
+        return self._get(("donor", name), lambda: DONORS.get(name)(ctx))
 
     def partners(self) -> Tensor:
-        """Row of the other-class silhouette used by the shuffled control, per row ``(N,)`` (same on every rank)."""
+        """A random other-class row per row ``(N,)`` (same on every rank), for probes that pair rows across classes."""
         ctx = self.ctx
         rows = torch.arange(len(ctx.labels))
         return self._get("partners", lambda: other_class_partner(ctx.labels, ctx.random(STREAM, "partner", rows, "cpu")))
 
-    def want_features(self, method: str, donor: str) -> None:
-        """Declare that pooled features of the (non-control) shape-only inputs of ``(method, donor)`` will be read."""
-        self._want_features.add((str(method), str(donor)))
+    def want_features(self, method: str, donor: str, control: bool = False) -> None:
+        """Declare that pooled features of the shape-only inputs of ``(method, donor)`` (``control``: of
+        their area-matched-disk control) will be read."""
+        self._want_features.add((str(method), str(donor), bool(control)))
 
     def shape_only_inputs(self, donor: str, rows: Tensor, control: bool = False) -> tuple[Tensor, Tensor]:
         """Device tensors ``(donors (b, 3, H, W), keep (b, 1, H, W))`` for global ``rows``: the donor with
-        the row's silhouette removed (``control``: the silhouette of its other-class partner)."""
+        the row's silhouette removed (``control``: an area-matched disk at the silhouette's centroid —
+        the same removed area and place, no outline)."""
         ctx = self.ctx
         objects = ctx.require_objects("shape-only inputs")
-        source = self.partners()[rows] if control else rows
-        donors, obj = ctx.to_device(self.donor(donor)[rows], objects[source])
-        return donors, silhouette_keep(obj)
+        donors, obj = ctx.to_device(self.donor(donor)[rows], objects[rows])
+        return donors, (area_matched_disk(obj) if control else silhouette_keep(obj))
 
     def shape_only(self, method: str, donor: str, control: bool = False) -> dict[str, Tensor]:
         """The model on shape-only inputs of this rank's rows, filled by ``method``:
@@ -87,7 +84,7 @@ class SharedInputs:
     def _shape_only(self, method_name: str, donor: str, control: bool) -> dict[str, Tensor]:
         ctx = self.ctx
         method = ctx.method(method_name)
-        with_features = not control and (method_name, donor) in self._want_features
+        with_features = (method_name, donor, control) in self._want_features
         key = f"{method_name}/{donor}/{'control' if control else 'silhouette'}"
         contrast: list[Tensor] = []
         pixel: list[Tensor] = []
@@ -114,20 +111,20 @@ class SharedInputs:
             out["features"] = torch.cat(features) if features else torch.zeros(0, 1)
         return out
 
-    def shape_only_features(self, method: str, donor: str) -> Tensor:
-        """Pooled features ``(n, D)`` of the non-control shape-only inputs of ``(method, donor)``."""
-        self.want_features(method, donor)
-        out = self.shape_only(method, donor, False)
+    def shape_only_features(self, method: str, donor: str, control: bool = False) -> Tensor:
+        """Pooled features ``(n, D)`` of the shape-only inputs of ``(method, donor)`` (``control``: of the area-matched-disk control)."""
+        self.want_features(method, donor, control)
+        out = self.shape_only(method, donor, control)
         if "features" not in out:
             # Computed earlier without features (nobody declared them): run the features pass over the
             # same inputs (same per-sample seeds), so they are the inputs the logits came from.
             ctx = self.ctx
             m = ctx.method(method)
-            key = f"{method}/{donor}/silhouette"
+            key = f"{method}/{donor}/{'control' if control else 'silhouette'}"
             feats = []
             with torch.inference_mode():
                 for rows in ctx.batches():
-                    donors, keep = self.shape_only_inputs(donor, rows)
+                    donors, keep = self.shape_only_inputs(donor, rows, control)
                     feats.append(m.features(ctx.model, donors, keep, ctx.random(STREAM, key, rows)).float().flatten(1).cpu())
             out["features"] = torch.cat(feats) if feats else torch.zeros(0, 1)
         return out["features"]

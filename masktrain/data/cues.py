@@ -1,0 +1,260 @@
+"""The study dataset: class evidence in the object's content *and* its outline.
+
+Each sample is ``(image (3, H, W) float [0, 1], label int, object_mask (1, H, W) float {0, 1})``,
+generated on the fly and deterministic from ``(seed, split, index)`` like ``data=silhouettes``
+(:mod:`masktrain.data.shapes`): smooth class-independent colour noise as background, one
+object at random scale, rotation and position.
+
+Two cues, each shared by two classes, so that neither alone decides the class:
+
+- **outline**: one of K shapes (:data:`OUTLINES`; the disk is not among them: it is the
+  class-neutral outline, and the shape of the area-matched control hole);
+- **content**: one of K sinusoidal gratings (``ceil(K/2)`` orientations × 2 periods) in two
+  random contrasting colours, random phase — the colours carry no class information.
+
+Class ``k`` is drawn as one of two variants, (outline ``k``, texture ``k``) or
+(outline ``k+1``, texture ``k+2``) (mod K). Outline ``j`` therefore belongs to classes
+{j, j−1} and texture ``m`` to {m, m−2}; the 2K (outline, texture) pairs are distinct, so
+the pair decides the class while each cue alone narrows it to two. A model that reaches
+high clean accuracy must read both (a one-cue model is capped at 50%), and an object whose
+outline is filled with class-neutral content — a silhouette hole — is *not* an ordinary
+object of the task: it carries half the class evidence and none of its texture.
+
+Variants (``variant=`` or the factory's split names) re-render the *test* samples — the
+same label, variant, position, scale, rotation, colours and background — with one cue
+changed, for cue analysis (:mod:`masktrain.data.cue_eval`):
+
+- ``content_only``: the class texture inside a class-neutral outline (a disk of the
+  same radius);
+- ``outline_only``: the class outline filled with one solid colour (no texture);
+- ``cue_conflict``: the texture of the sample's class A inside an outline of another
+  class B, chosen so that the outline's two classes and the texture's two classes are
+  disjoint. ``label`` is A (the content class); :meth:`CuesDataset.cues` gives both.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from masktrain.data.shapes import SHAPES, SPLITS, smooth_background
+from masktrain.errors import check, check_range
+
+#: Class outlines, in class order (the disk, ellipse, hexagon and semicircle are left out:
+#: the disk is the neutral outline and the others are too close to it).
+OUTLINES: list[str] = ["triangle", "star", "cross", "crescent", "ring", "heart", "L", "arrow", "T", "hourglass", "star4", "square"]
+NEUTRAL_OUTLINE = "disk"
+VARIANTS = ("clean", "content_only", "outline_only", "cue_conflict")
+#: Factory split names that render the test split with a cue variant.
+CUE_SPLITS = VARIANTS[1:]
+
+
+def class_cues(num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """The (outline, texture) index of each class variant: two ``(K, 2)`` int arrays,
+    ``outline[k, v]`` and ``texture[k, v]`` for class ``k``, variant ``v``."""
+    k = np.arange(num_classes)
+    outline = np.stack([k, (k + 1) % num_classes], axis=1)
+    texture = np.stack([k, (k + 2) % num_classes], axis=1)
+    return outline, texture
+
+
+def classes_with_outline(num_classes: int) -> np.ndarray:
+    """``(K, K)`` bool: entry ``[j, c]`` is True when outline ``j`` belongs to class ``c``."""
+    outline, _ = class_cues(num_classes)
+    table = np.zeros((num_classes, num_classes), dtype=bool)
+    for v in range(2):
+        table[outline[:, v], np.arange(num_classes)] = True
+    return table
+
+
+def classes_with_texture(num_classes: int) -> np.ndarray:
+    """``(K, K)`` bool: entry ``[m, c]`` is True when texture ``m`` belongs to class ``c``."""
+    _, texture = class_cues(num_classes)
+    table = np.zeros((num_classes, num_classes), dtype=bool)
+    for v in range(2):
+        table[texture[:, v], np.arange(num_classes)] = True
+    return table
+
+
+class CuesDataset(torch.utils.data.Dataset):
+    """Objects whose class is carried jointly by outline and texture (module docstring).
+
+    Args:
+        split: ``train``, ``val`` or ``test`` (disjoint random streams).
+        variant: ``clean`` or one of :data:`CUE_SPLITS` (cue analysis; any split, usually test).
+        num_classes: K, 5 ≤ K ≤ len(OUTLINES) (below 5 an outline's and a texture's class pairs always overlap, so no clean cue conflict exists); class k is named after its first outline.
+        radius: object radius range as a fraction of the side.
+        min_contrast: minimum RGB distance between the object's mean colour and the background under it.
+        texture_contrast: minimum RGB distance between the grating's two colours.
+        periods: the two grating periods, as fractions of the side.
+        epoch: train samples are fresh every epoch (``set_epoch``); val/test ignore it.
+    """
+
+    def __init__(
+        self,
+        split: str = "train",
+        length: int = 8000,
+        image_size: int = 32,
+        num_classes: int = 10,
+        seed: int = 0,
+        variant: str = "clean",
+        radius: tuple[float, float] = (0.32, 0.45),
+        min_contrast: float = 0.3,
+        texture_contrast: float = 0.5,
+        periods: tuple[float, float] = (0.125, 0.25),
+        background_cells: int = 4,
+        epoch: int = 0,
+    ) -> None:
+        check(split in SPLITS, f"data split {split!r} is unknown; choose one of {list(SPLITS)}")
+        check(variant in VARIANTS, f"data.dataset.variant={variant!r} is unknown; choose one of {list(VARIANTS)}")
+        check(5 <= num_classes <= len(OUTLINES), f"data.num_classes={num_classes} must be between 5 and {len(OUTLINES)} for the cues dataset")
+        check(length >= 1, f"dataset length {length} must be positive")
+        check(image_size >= 8, f"data.image_size={image_size} must be at least 8")
+        check_range("data.radius", tuple(radius), 0.0, 0.5, lo_open=True)
+        check_range("data.texture_contrast", texture_contrast, 0.0, 1.5)
+        check(len(periods) == 2 and all(p > 0 for p in periods), f"data.periods={list(periods)} must be two positive fractions of the side")
+        self.split, self.variant, self.length, self.image_size = split, variant, int(length), int(image_size)
+        self.num_classes, self.seed = int(num_classes), int(seed)
+        self.radius, self.min_contrast = (float(radius[0]), float(radius[1])), float(min_contrast)
+        self.texture_contrast, self.periods = float(texture_contrast), (float(periods[0]), float(periods[1]))
+        self.background_cells, self.epoch = int(background_cells), int(epoch)
+        self.outlines = OUTLINES[: self.num_classes]
+        self.classes = list(self.outlines)
+        self._outline_of, self._texture_of = class_cues(self.num_classes)
+        self._outline_classes = classes_with_outline(self.num_classes)
+        self._texture_classes = classes_with_texture(self.num_classes)
+        n = self.image_size
+        centres = (np.arange(n) + 0.5) / n
+        self._gy, self._gx = np.meshgrid(centres, centres, indexing="ij")
+
+    def __len__(self) -> int:
+        return self.length
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _rng(self, index: int, stream: int = 0) -> np.random.Generator:
+        epoch = self.epoch if self.split == "train" else 0
+        key = [self.seed, SPLITS[self.split], epoch, index]
+        return np.random.default_rng(key + [stream] if stream else key)
+
+    def texture(self, texture: int, phase: float) -> np.ndarray:
+        """Grating ``texture`` as a pattern ``(H, W)`` in [0, 1]: orientation ``π·(m // 2) / ceil(K/2)``,
+        period ``periods[m % 2]`` (fractions of the side), phase in cycles."""
+        n_orient = math.ceil(self.num_classes / 2)
+        angle = math.pi * (texture // 2) / n_orient
+        period = self.periods[texture % 2]
+        t = (self._gx * math.cos(angle) + self._gy * math.sin(angle)) / period + phase
+        return (0.5 + 0.5 * np.sin(2 * math.pi * t)).astype(np.float32)
+
+    def _draw(self, index: int) -> dict:
+        """Every random choice of sample ``index`` (the variants re-render these)."""
+        if not 0 <= index < self.length:
+            raise IndexError(index)
+        rng = self._rng(index)
+        label = int(rng.integers(self.num_classes))
+        variant = int(rng.integers(2))
+        r = rng.uniform(*self.radius)
+        cx, cy = rng.uniform(r, 1 - r, size=2)
+        theta = rng.uniform(0, 2 * math.pi)
+        bg = smooth_background(rng, self.image_size, self.background_cells)
+        phase = rng.random()
+        return {"rng": rng, "label": label, "outline": int(self._outline_of[label, variant]),
+                "texture": int(self._texture_of[label, variant]), "r": r, "cx": cx, "cy": cy,
+                "theta": theta, "bg": bg, "phase": phase}
+
+    def _conflict_outline(self, index: int, label: int, texture: int) -> tuple[int, int]:
+        """``(outline, outline class B)`` for the cue-conflict variant: an outline of a class B ≠ A
+        whose classes are disjoint from the texture's (a separate stream: the other draws are unchanged)."""
+        rng = self._rng(index, stream=1)
+        tex_classes = self._texture_classes[texture]
+        for _ in range(256):
+            other = int(rng.integers(self.num_classes))
+            outline = int(self._outline_of[other, int(rng.integers(2))])
+            if other != label and not (self._outline_classes[outline] & tex_classes).any():
+                return outline, other
+        raise RuntimeError("no disjoint conflict outline found")  # cannot happen for K >= 5
+
+    def _mask(self, d: dict, shape: str) -> np.ndarray:
+        du, dv = (self._gx - d["cx"]) / d["r"], (self._gy - d["cy"]) / d["r"]
+        c, s = math.cos(d["theta"]), math.sin(d["theta"])
+        u, v = c * du + s * dv, -s * du + c * dv
+        return SHAPES[shape](u, v).astype(np.float32)
+
+    def cues(self, index: int) -> dict:
+        """The cues of sample ``index`` as rendered by this dataset's variant:
+        ``{"label", "outline", "texture", "outline_class", "content_class"}`` — outline/texture are
+        cue indices (``None`` when neutral), ``outline_class``/``content_class`` the class whose
+        cue it is (B and A in ``cue_conflict``; equal to ``label`` otherwise, ``None`` when neutral)."""
+        d = self._draw(index)
+        label, outline, texture = d["label"], d["outline"], d["texture"]
+        outline_class, content_class = label, label
+        if self.variant == "content_only":
+            outline, outline_class = None, None
+        elif self.variant == "outline_only":
+            texture, content_class = None, None
+        elif self.variant == "cue_conflict":
+            outline, outline_class = self._conflict_outline(index, label, texture)
+        return {"label": label, "outline": outline, "texture": texture, "outline_class": outline_class, "content_class": content_class}
+
+    def _render(self, index: int, with_object: bool = True) -> tuple[np.ndarray, int, np.ndarray]:
+        d = self._draw(index)
+        rng, bg = d["rng"], d["bg"]
+        cue = self.cues(index) if self.variant != "clean" else {"outline": d["outline"], "texture": d["texture"]}
+        shape = NEUTRAL_OUTLINE if cue["outline"] is None else self.outlines[cue["outline"]]
+        # The colours are drawn against the *clean* mask so every variant of a sample has the same colours.
+        clean = self._mask(d, self.outlines[d["outline"]])
+        under = (bg * clean).sum(axis=(1, 2)) / max(clean.sum(), 1.0)
+        for _ in range(64):
+            c1, c2 = rng.random(3).astype(np.float32), rng.random(3).astype(np.float32)
+            if np.linalg.norm(c1 - c2) >= self.texture_contrast and np.linalg.norm((c1 + c2) / 2 - under) >= self.min_contrast:
+                break
+        mask = self._mask(d, shape)
+        if not with_object:
+            return bg, d["label"], mask
+        if cue["texture"] is None:
+            obj = np.broadcast_to(((c1 + c2) / 2)[:, None, None], bg.shape)
+        else:
+            g = self.texture(cue["texture"], d["phase"])[None]
+            obj = c1[:, None, None] * (1 - g) + c2[:, None, None] * g
+        image = bg * (1 - mask) + obj * mask
+        return image, d["label"], mask
+
+    def sample(self, index: int) -> tuple[torch.Tensor, int, torch.Tensor]:
+        image, label, mask = self._render(index)
+        return torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)), label, torch.from_numpy(mask[None])
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, torch.Tensor]:
+        return self.sample(index)
+
+    def background(self, index: int) -> torch.Tensor:
+        """Sample ``index``'s background without its object ``(3, H, W)`` (the probes' ``background`` donor)."""
+        bg, _, _ = self._render(index, with_object=False)
+        return torch.from_numpy(np.ascontiguousarray(bg, dtype=np.float32))
+
+    def outline_classes(self, outline: int) -> np.ndarray:
+        """``(K,)`` bool: the classes outline ``outline`` belongs to."""
+        return self._outline_classes[outline]
+
+    def texture_classes(self, texture: int) -> np.ndarray:
+        """``(K,)`` bool: the classes texture ``texture`` belongs to."""
+        return self._texture_classes[texture]
+
+
+def cues(split: str, lengths: dict[str, int] | None = None, root: str | None = None, **kwargs) -> CuesDataset:
+    """Dataset factory used by the datamodule: ``lengths`` maps split name to sample count;
+    the split names ``content_only``, ``outline_only``, ``cue_conflict`` give that variant of
+    the test split (``lengths`` entry of the same name, else the test length). ``root`` is
+    accepted and ignored: the data is generated."""
+    lengths = dict(lengths or {"train": 8000, "val": 1000, "test": 2000})
+    if split in CUE_SPLITS:
+        check(kwargs.get("variant", "clean") == "clean", f"split {split!r} is a variant already; leave data.dataset.variant unset")
+        kwargs["variant"] = split
+        length = lengths.get(split, lengths.get("test"))
+        split = "test"
+    else:
+        check(split in lengths, f"data.dataset.lengths has no entry for split {split!r}")
+        length = lengths[split]
+    check(length is not None, "data.dataset.lengths has no test entry for the cue splits")
+    return CuesDataset(split=split, length=int(length), **kwargs)
