@@ -271,7 +271,7 @@ def test_fill_contrast(method, donor, visible):
 def test_registry_and_method_agnostic_errors(test_set):
     from masktrain.errors import UserError
 
-    assert set(PROBES) == {"object_removal", "shape_only", "linear_probe", "mask_only", "missingness_curve", "attribution"}
+    assert set(PROBES) == {"object_removal", "shape_only", "linear_probe", "mask_only", "missingness_curve", "attribution", "backgrounds"}
     assert [p for p in PROBES if PROBES.get(p).run_by_default] == ["object_removal", "shape_only", "linear_probe", "mask_only", "missingness_curve"]
     with pytest.raises(UserError, match="probe 'nope' is unknown"):
         run(Constant(), test_set, probes=("nope",))
