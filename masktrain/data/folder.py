@@ -54,6 +54,17 @@ def read_class_index(path: str | Path) -> dict[str, int]:
     return index
 
 
+def class_indices(classes: list[str], class_index_file: str | Path | None) -> tuple[dict[str, int], bool]:
+    """``({class: label}, labels_index_larger_model)``: labels in folder order, or the model output
+    indices of ``class_index_file`` (an ImageNet-1k model on a subset: labels index a larger head)."""
+    if not class_index_file:
+        return {c: i for i, c in enumerate(classes)}, False
+    index = read_class_index(class_index_file)
+    unknown = [c for c in classes if c not in index]
+    check(not unknown, f"classes {unknown[:5]} are missing from data.dataset.class_index_file={str(class_index_file)!r}")
+    return {c: index[c] for c in classes}, True
+
+
 class FolderDataset(MaskedImageDataset):
     """Class folders with per-image masks; samples ``(image (3, S, S), label, mask (1, S, S))``.
 
@@ -80,14 +91,7 @@ class FolderDataset(MaskedImageDataset):
         check(folders, f"{str(images_dir)!r} has no class folders")
         self.strict_binary = bool(strict_binary)
         self.classes = [p.name for p in folders]
-        if class_index_file:
-            index = read_class_index(class_index_file)
-            unknown = [c for c in self.classes if c not in index]
-            check(not unknown, f"classes {unknown[:5]} are missing from data.dataset.class_index_file={str(class_index_file)!r}")
-            self.class_to_index = {c: index[c] for c in self.classes}
-            self.labels_index_larger_model = True
-        else:
-            self.class_to_index = {c: i for i, c in enumerate(self.classes)}
+        self.class_to_index, self.labels_index_larger_model = class_indices(self.classes, class_index_file)
         candidates: list[tuple[Path, str]] = []
         for folder in folders:
             files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)

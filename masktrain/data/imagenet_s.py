@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from masktrain.data.base import Entry, MaskedImageDataset
-from masktrain.data.folder import _split_of, read_class_index
+from masktrain.data.folder import _split_of, class_indices
 from masktrain.data.io import _DECODE_ERRORS, check_mask_size, read_lines, require_dir
 from masktrain.errors import UserError, check
 
@@ -112,14 +112,7 @@ class ImageNetSDataset(MaskedImageDataset):
         self.classes = self._categories(categories_file, [p.name for p in folders])
         # ImageNet-S id of each class: its 1-based rank in the release's sorted category list.
         self.class_id = {wnid: i + 1 for i, wnid in enumerate(self.classes)}
-        if class_index_file:
-            index = read_class_index(class_index_file)
-            unknown = [c for c in self.classes if c not in index]
-            check(not unknown, f"classes {unknown[:5]} are missing from data.dataset.class_index_file={str(class_index_file)!r}")
-            self.class_to_index = {c: index[c] for c in self.classes}
-            self.labels_index_larger_model = True
-        else:
-            self.class_to_index = {c: i for i, c in enumerate(self.classes)}
+        self.class_to_index, self.labels_index_larger_model = class_indices(self.classes, class_index_file)
         candidates: list[tuple[Path, str]] = []
         for folder in folders:
             files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
