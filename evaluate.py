@@ -26,20 +26,9 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from masktrain.cli import preflight, remove_run_dir, removed_on_user_error
+from masktrain.cli import preflight, remove_run_dir, removed_on_user_error, store_probe_defaults
 from masktrain.errors import UserError, check, exit_on_user_error
 from masktrain.tracking import is_rank_zero, log_study_wandb
-
-
-def store_probe_defaults() -> None:
-    """Each probe's option defaults as the config group ``probe_defaults`` (recipes/evaluate.yaml
-    composes it into ``probe_options``): the defaults live once, in the probe's ``Options``."""
-    from hydra.core.config_store import ConfigStore
-
-    from masktrain.probes import PROBES
-
-    ConfigStore.instance().store(name="probe_defaults",
-                                 node={"probe_options": {name: probe.default_options() for name, probe in PROBES.items()}})
 
 
 def _probe_names(cfg: DictConfig) -> list[str]:

@@ -60,8 +60,21 @@ def _one_line(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+def store_probe_defaults() -> None:
+    """Each probe's option defaults as the config group ``probe_defaults`` (recipes/evaluate.yaml
+    composes it into ``probe_options``): the defaults live once, in the probe's ``Options``."""
+    from hydra.core.config_store import ConfigStore
+
+    from masktrain.probes import PROBES
+
+    ConfigStore.instance().store(name="probe_defaults",
+                                 node={"probe_options": {name: probe.default_options() for name, probe in PROBES.items()}})
+
+
 def compose(config_name: str, overrides: list[str]) -> DictConfig:
     """Compose ``recipes/<config_name>.yaml`` with overrides; errors become one-line UserErrors."""
+    if config_name == "evaluate":  # its defaults list names the probes' option defaults
+        store_probe_defaults()
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
