@@ -146,15 +146,16 @@ def measure_pieces(cfg, steps: int, plain_steps: int | None) -> dict[str, float]
     first = next_batch()
     repeats = 5
     out["data"] = _median_time(next_batch, repeats) * steps
-    objects = first[2]
+    batch_labels, objects = first[1], first[2]
+    num_classes = int(datamodule.num_classes)
     if augment is not None:
         target = images.clone()
 
         def masks() -> None:  # layer masking's cost is inside its forward pass: only the draw here
             g = step_generator(0, 0, 0)
-            keep = augment(batch, (size, size), g, "cpu", object_masks=objects, lazy=True)
+            masked = augment.inputs(target, batch_labels, objects, g, method, num_classes, lazy=True)
             if isinstance(method, FillMethod):
-                method.apply(target, keep, g, inplace=True)
+                method.apply(masked.images, masked.keep, g, inplace=True)
         out["masks"] = _median_time(masks, repeats) * steps
     else:
         out["masks"] = 0.0
@@ -164,12 +165,14 @@ def measure_pieces(cfg, steps: int, plain_steps: int | None) -> dict[str, float]
     eval_batch = int(cfg.data.get("eval_batch_size") or 2 * batch)
     x = torch.rand(eval_batch, 3, size, size)
     obj = torch.zeros(eval_batch, 1, size, size)
+    eval_labels = torch.zeros(eval_batch, dtype=torch.int64)
 
     def eval_batch_pass() -> None:
         with torch.no_grad():
             model(x)
             g = step_generator(0, 0, 0)
-            method.logits(model, x, val_mask(eval_batch, (size, size), g, "cpu", object_masks=obj), g)
+            masked = val_mask.inputs(x, eval_labels, obj, g, method, num_classes)
+            method.logits(model, masked.images, masked.keep, g)
 
     per_batch = _median_time(eval_batch_pass, 3)
     epochs = int(cfg.trainer.max_epochs)

@@ -46,9 +46,9 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from masktrain.errors import UserError, check
+from masktrain.errors import UserError, check, check_range
 from masktrain.fills import IMAGENET_MEAN, fill
-from masktrain.masks import register_mask
+from masktrain.masks import MaskedBatch, register_mask
 from masktrain.methods import FillMethod, MaskingMethod, get_method
 from masktrain.registry import Registry
 from masktrain.rng import derive_seed
@@ -69,7 +69,7 @@ class Pool:
 
 
 @dataclass(frozen=True)
-class Conditioned:
+class Conditioned(MaskedBatch):
     """The output of :func:`apply_condition`: ``images (B, 3, H, W)`` and ``keep (B, 1, H, W)``
     (1 = visible) for the method; ``partner (B,)`` indices into the pool (-1 for single-image
     conditions) and ``fallback (B,)`` bool, samples that had no eligible partner."""
@@ -214,11 +214,15 @@ def _pick(candidates: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def partner_indices(kind: str, labels: Tensor, rows: Tensor, seed: int, pool_labels: Tensor,
-                    pool_rows: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
+                    pool_rows: Tensor, num_classes: int, uniform: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """``(indices (B,) into the pool, fallback (B,) bool)``: each sample's partner of ``kind``
     (``same``: same label; ``rand``: any other pool member; ``next``: label + 1 mod num_classes),
     never the sample itself (same row). A sample without an eligible partner takes a ``rand``
-    partner (``fallback`` true); with no other pool member at all, itself."""
+    partner (``fallback`` true); with no other pool member at all, itself.
+
+    ``uniform (B,)`` float64 in [0, 1): the number that picks each sample's partner (the
+    ``floor(u * count)``-th eligible pool member, in pool order); default
+    :func:`sample_uniform` of ``(seed, rows)``."""
     check(kind in PARTNER_KINDS, f"partner kind {kind!r} is unknown; choose one of {list(PARTNER_KINDS)}")
     labels, pool_labels = labels.to(torch.int64), pool_labels.to(pool_rows.device, torch.int64)
     other = pool_rows[None, :] != rows[:, None]  # (B, N)
@@ -228,7 +232,8 @@ def partner_indices(kind: str, labels: Tensor, rows: Tensor, seed: int, pool_lab
         eligible = pool_labels[None, :] == ((labels + 1) % int(num_classes))[:, None]
     else:
         eligible = other
-    u = sample_uniform(seed, rows)
+    u = sample_uniform(seed, rows) if uniform is None else uniform.to(rows.device, torch.float64)
+    check(u.shape == rows.shape, f"partner uniforms of shape {tuple(u.shape)} do not match rows of shape {tuple(rows.shape)}")
     index, found = _pick(eligible, u)
     spare, spare_found = _pick(other, u)
     self_index = (pool_rows[None, :] == rows[:, None]).to(torch.int8).argmax(dim=1)
@@ -249,12 +254,15 @@ def apply_condition(
     num_classes: int | None = None,
     generator: torch.Generator | None = None,
     mean: Sequence[float] = IMAGENET_MEAN,
+    uniform: Tensor | None = None,
 ) -> Conditioned:
     """Condition ``name`` of a batch, for ``method`` (a :class:`MaskingMethod` or its name).
 
     ``rows (B,)`` int64: sample ids that seed the partner draw (default ``arange(B)``); ``pool``:
     the candidate partners (default: the batch, with ids ``rows``); ``num_classes`` for
-    ``mixed_next`` (default: largest label seen + 1); ``generator`` for random fills.
+    ``mixed_next`` (default: largest label seen + 1); ``generator`` for random fills;
+    ``uniform (B,)``: the partner-picking numbers instead of the ``(seed, rows)`` hash (training
+    draws them from its step generator, see :class:`ConditionSampler`).
     """
     condition = get_condition(name)
     method = get_method(method, mean) if isinstance(method, str) else method
@@ -274,7 +282,7 @@ def apply_condition(
     if num_classes is None:
         num_classes = int(max(int(labels.max()), int(pool.labels.max()))) + 1
     index, fallback = partner_indices(condition.partner, labels.to(images.device), rows, seed,
-                                      pool.labels.to(images.device), pool.rows.to(images.device), num_classes)
+                                      pool.labels.to(images.device), pool.rows.to(images.device), num_classes, uniform)
     # Index the pool where it lives, then move the b partners: a test-set pool stays on the CPU.
     on_pool = index.to(pool.images.device)
     partner_images = pool.images[on_pool].to(images.device)
@@ -283,21 +291,71 @@ def apply_condition(
     return Conditioned(out, keep, index, fallback)
 
 
-# -- training: keep-only conditions as a mask kind --------------------------------------------
+# -- training: every condition as a mask kind ------------------------------------------------
 KEEP_ONLY = tuple(n for n, c in CONDITIONS.items() if c.keep_only)
 
 
-@register_mask("condition", needs_object_masks=True)
+class ConditionSampler:
+    """``mask.kind=condition``: the training (and validation) input of a condition, made by
+    :func:`apply_condition` -- the same function the ``backgrounds`` probe evaluates with, so the
+    model trains on exactly what it is tested on (for ``layer`` the keep mask is the condition's).
+
+    Each sample gets the condition with probability ``p`` (else the image itself, all visible).
+    Draws from the step's generator, in this order, so a run repeats per (seed, rank, step) and
+    resumes exactly: for a mixed condition ``B`` float64 uniforms that pick the partners from the
+    batch (the batch is the pool; ids ``arange(B)``, so a sample is never its own partner); then,
+    when ``p < 1``, ``B`` uniforms that choose the samples; then whatever a random fill draws.
+
+    A sample without an eligible partner in its batch (``mixed_same``: its class has one member
+    there; ``mixed_next``: no image of class ``(y + 1) mod K``) gets a random other image of the
+    batch as the background -- the rule the probe uses on a test set -- and is counted in
+    :attr:`MaskedBatch.fallback` (logged as ``train/partner_fallback``). Labels stay the object's.
+    """
+
+    def __init__(self, p: float = 1.0, condition: str = "no_fg", **unknown) -> None:
+        check(not unknown, f"mask.kind=condition takes mask.condition and mask.p only; remove {sorted(unknown)}")
+        check_range("mask.p", p, 0.0, 1.0)
+        try:
+            self.spec = get_condition(str(condition))
+        except UserError:
+            raise UserError(f"mask.condition={condition!r}: condition {condition!r} is unknown; "
+                            f"choose one of [{', '.join(CONDITIONS.names())}]") from None
+        self.kind, self.condition, self.p = "condition", self.spec.name, float(p)
+
+    def inputs(self, images: Tensor, labels: Tensor, objects: Tensor | None, generator: torch.Generator,
+               method: MaskingMethod, num_classes: int, lazy: bool = False) -> Conditioned:
+        """The conditioned batch ``(images (B, 3, H, W), keep (B, 1, H, W), partner (B,), fallback
+        (B,))`` for ``method`` (the mixed conditions under a fill fill the partner's box before the
+        paste); ``lazy`` is accepted for :meth:`RandomKeepMask.inputs`' signature."""
+        if objects is None:
+            raise UserError(f"mask.kind=condition (mask.condition={self.condition}) needs object masks; "
+                            "use a dataset that provides them")
+        B, device = images.shape[0], images.device
+        uniform = torch.rand(B, generator=generator, device=device, dtype=torch.float64) if self.spec.partner else None
+        c = apply_condition(self.condition, images, labels, objects, method, num_classes=int(num_classes),
+                            generator=generator, uniform=uniform)
+        if self.p >= 1.0:
+            return c
+        chosen = (torch.rand(B, generator=generator, device=device) < self.p).view(B, 1, 1, 1)
+        return Conditioned(torch.where(chosen, c.images, images), torch.where(chosen, c.keep, torch.ones_like(c.keep)),
+                           torch.where(chosen.view(B), c.partner, -1), c.fallback & chosen.view(B))
+
+    def __repr__(self) -> str:
+        return f"ConditionSampler(condition={self.condition!r}, p={self.p})"
+
+
+@register_mask("condition", needs_object_masks=True, sampler=ConditionSampler)
 def condition_mask(batch_size: int, size: tuple[int, int], generator: torch.Generator,
                    device: torch.device | str = "cpu", *, condition: str = "no_fg",
                    object_masks: Tensor | None = None) -> Tensor:
-    """``mask.kind=condition``: the keep mask of a condition that only removes pixels
-    (``original``, ``only_fg``, ``no_fg``, ``only_bg_b``, ``only_fg_b``), from the batch's object
-    masks ``(B, 1, H, W)``. Returns keep ``(B, 1, H, W)``."""
+    """The keep mask alone of a condition that only removes pixels (``original``, ``only_fg``,
+    ``no_fg``, ``only_bg_b``, ``only_fg_b``), from object masks ``(B, 1, H, W)``; returns keep
+    ``(B, 1, H, W)``. Training builds every condition, pixel-changing ones too, through
+    :class:`ConditionSampler`; this generator serves callers that want a keep mask only."""
     spec = get_condition(str(condition))
     if not spec.keep_only:
-        raise UserError(f"mask.condition={condition!r} changes pixels, which the training mask seam cannot do; "
-                        f"train on one of {list(KEEP_ONLY)}")
+        raise UserError(f"mask.condition={condition!r} changes pixels, so it has no keep mask alone; "
+                        f"use ConditionSampler (training: mask=condition) or one of {list(KEEP_ONLY)}")
     if object_masks is None:
         raise UserError(f"mask.kind=condition (mask.condition={condition}) needs object masks; use a dataset that provides them")
     check(tuple(object_masks.shape[-2:]) == tuple(size),

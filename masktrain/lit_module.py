@@ -28,8 +28,10 @@ class MaskTrainModule(L.LightningModule):
 
     Args:
         model: pixel-space classifier.
-        augment: training mask sampler (``None`` = no masks, plain training).
-        val_mask: mask sampler applied to every validation image for ``val/acc_masked``.
+        augment: training mask sampler (``None`` = no masks, plain training): a
+            :class:`RandomKeepMask` or a kind's own sampler (``mask=condition``:
+            :class:`masktrain.conditions.ConditionSampler`), through its ``inputs``.
+        val_mask: sampler applied to every validation image for ``val/acc_masked``.
         method: masking method name (``black``, ``grey``, …, ``layer``).
         mean: dataset mean colour (the ``grey`` fill).
         config: the run's resolved config, saved in every checkpoint.
@@ -76,10 +78,13 @@ class MaskTrainModule(L.LightningModule):
         else:
             g = self._generator(self.global_step, TRAIN_STREAM)
             # lazy: rectangles stay boxes, so a one-colour fill writes only the erased pixels
-            keep = self.augment(images.shape[0], images.shape[-2:], g, self.device, object_masks=objects, lazy=True)
+            batch_in = self.augment.inputs(images, labels, objects, g, self.method, self.model.num_classes, lazy=True)
+            images, keep = batch_in.images, batch_in.keep
             if batch_idx == 0:  # separate stream: looking must not change the training draws
                 preview = self._generator(self.global_step, PREVIEW_STREAM)
                 shown = self.method.render(images[:32].clone(), keep[:32], preview)
+            if batch_in.fallback is not None:  # mixed conditions: samples whose partner rule had no candidate
+                self.log("train/partner_fallback", batch_in.fallback.float().mean(), on_step=False, on_epoch=True)
             logits = self.method.logits(self.model, images, keep, g, inplace=True)
         loss = F.cross_entropy(logits, labels)
         self.train_acc(logits, labels)
@@ -101,8 +106,8 @@ class MaskTrainModule(L.LightningModule):
         self.val_acc_clean(self.model(images), labels)
         # Fixed per-batch masks (not per step): every validation sees the same masked set.
         g = step_generator(self.seed, 0, batch_idx * 9973 + self.global_rank, self.device, VAL_STREAM)
-        keep = self.val_mask(images.shape[0], images.shape[-2:], g, self.device, object_masks=objects)
-        self.val_acc_masked(self.method.logits(self.model, images, keep, g), labels)
+        masked = self.val_mask.inputs(images, labels, objects, g, self.method, self.model.num_classes)
+        self.val_acc_masked(self.method.logits(self.model, masked.images, masked.keep, g), labels)
         self.log(f"{stage}/acc_clean", self.val_acc_clean, prog_bar=True, on_epoch=True, sync_dist=True)
         self.log(f"{stage}/acc_masked", self.val_acc_masked, prog_bar=True, on_epoch=True, sync_dist=True)
 

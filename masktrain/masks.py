@@ -34,22 +34,27 @@ MaskGenerator = Callable[..., Tensor]
 class MaskKind:
     """One mask kind: ``generate(batch_size, size, generator, device, **params) -> keep (B, 1, H, W)``;
     ``boxes`` (same signature, same draws) returns its removed rectangles ``(B, K, 4)`` when it has
-    a box form; ``needs_object_masks``: ``generate`` reads ``object_masks=(B, 1, H, W)``."""
+    a box form; ``needs_object_masks``: ``generate`` reads ``object_masks=(B, 1, H, W)``;
+    ``sampler``: the training sampler class used instead of :class:`RandomKeepMask`
+    (``sampler(p=..., **params)``, with the same :meth:`RandomKeepMask.inputs`), for a kind that
+    changes pixels as well as removing them (``condition``)."""
 
     name: str
     generate: MaskGenerator
     boxes: Optional[Callable[..., Tensor]] = None
     needs_object_masks: bool = False
+    sampler: Optional[Callable[..., "RandomKeepMask"]] = None
 
 
 MASK_KINDS: Registry[MaskKind] = Registry("mask kind", "mask.kind")
 
 
 def register_mask(name: str, boxes: Optional[Callable[..., Tensor]] = None,
-                  needs_object_masks: bool = False) -> Callable[[MaskGenerator], MaskGenerator]:
+                  needs_object_masks: bool = False,
+                  sampler: Optional[Callable[..., "RandomKeepMask"]] = None) -> Callable[[MaskGenerator], MaskGenerator]:
     """Register a keep-mask generator as mask kind ``name`` (see the module docstring)."""
     def decorate(fn: MaskGenerator) -> MaskGenerator:
-        MASK_KINDS.register(name, MaskKind(name, fn, boxes, needs_object_masks))
+        MASK_KINDS.register(name, MaskKind(name, fn, boxes, needs_object_masks, sampler))
         return fn
 
     return decorate
@@ -101,6 +106,19 @@ class BoxKeep:
 
     def __repr__(self) -> str:
         return f"BoxKeep(batch={len(self)}, boxes={self.boxes.shape[1]}, size={self.size})"
+
+
+@dataclass(frozen=True)
+class MaskedBatch:
+    """What a masking method turns into the model input: ``images (B, 3, H, W)`` in [0, 1] and
+    ``keep (B, 1, H, W)`` (1 = visible; dense or a :class:`BoxKeep`). ``partner (B,)`` / ``fallback
+    (B,)``: for conditions that paste another sample in, who was pasted (index into the pool) and
+    which samples had no eligible partner; None otherwise."""
+
+    images: Tensor
+    keep: "Tensor | BoxKeep"
+    partner: Optional[Tensor] = None
+    fallback: Optional[Tensor] = None
 
 
 def as_dense(keep: "Tensor | BoxKeep") -> Tensor:
@@ -308,6 +326,16 @@ class RandomKeepMask:
             return keep
         chosen = torch.rand(batch_size, 1, 1, 1, generator=generator, device=device) < self.p
         return torch.where(chosen, keep, torch.ones_like(keep))
+
+    def inputs(self, images: Tensor, labels: Tensor, objects: Tensor | None, generator: torch.Generator,
+               method, num_classes: int, lazy: bool = False) -> MaskedBatch:
+        """The batch as the training / validation step hands it to ``method`` (a
+        :class:`masktrain.methods.MaskingMethod`): the images themselves and a keep mask drawn by
+        :meth:`__call__` (the same draws). ``labels``, ``method`` and ``num_classes`` are unused
+        here; samplers that build the input from the whole batch
+        (:class:`masktrain.conditions.ConditionSampler`) need them."""
+        keep = self(images.shape[0], images.shape[-2:], generator, images.device, object_masks=objects, lazy=lazy)
+        return MaskedBatch(images, keep)
 
     def __repr__(self) -> str:
         return f"RandomKeepMask(kind={self.kind!r}, p={self.p}, {self.params})"

@@ -38,8 +38,12 @@ def build_masks(mask_cfg: DictConfig) -> tuple[RandomKeepMask | None, RandomKeep
     kind, p = mask_cfg.get("kind"), float(mask_cfg.get("p", 0.0))
     if not kind:
         return None, RandomKeepMask("rectangles", 1.0)
-    augment = RandomKeepMask(kind, p, **params)
-    return (augment if p > 0 else None), RandomKeepMask(kind, 1.0, **params)
+    sampler = MASK_KINDS.get(kind).sampler
+    if sampler is None:  # a keep mask drawn per batch
+        augment = RandomKeepMask(kind, p, **params)
+        return (augment if p > 0 else None), RandomKeepMask(kind, 1.0, **params)
+    augment = sampler(p=p, **params)
+    return (augment if p > 0 else None), sampler(p=1.0, **params)
 
 
 def validate_config(cfg: DictConfig) -> None:
@@ -174,7 +178,8 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
     for split in ("train", "val"):  # bad data fails here, in one line, before the trainer starts
         ds = datamodule.dataset(split)
         if cfg.mask.get("kind") and MASK_KINDS.get(cfg.mask.kind).needs_object_masks and not getattr(ds, "has_object_masks", True):
-            raise UserError(f"mask.kind={cfg.mask.kind} needs object masks, but the {datamodule.name} {split} set has none "
+            what = f"mask.kind={cfg.mask.kind}" + (f" (mask.condition={cfg.mask.condition})" if cfg.mask.get("condition") else "")
+            raise UserError(f"{what} needs object masks, but the {datamodule.name} {split} set has none "
                             f"({getattr(ds, 'missing_masks_reason', 'no masks found')}); use a dataset with object masks")
     resolve_num_classes(cfg, datamodule)
     model = hydra.utils.instantiate(cfg.model, checkpoint_path=init_from or cfg.model.get("checkpoint_path"))

@@ -157,6 +157,6 @@ def test_training_on_a_condition_without_object_masks_is_one_error_and_writes_no
     assert not (tmp_path / "run").exists()
     result = run_cli("train.py", overrides + [f"hydra.run.dir={tmp_path / 'cli'}"], cwd=tmp_path)
     assert result.returncode == 2 and not (tmp_path / "cli" / "checkpoints").exists()
-    assert result.stderr.strip().startswith("error: mask.kind=condition needs object masks") and "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith("error: mask.kind=condition (mask.condition=no_fg) needs object masks") and "Traceback" not in result.stderr
     # the same sets train fine without a condition
     assert train(compose("train", overrides[1:] + ["recipe=baseline"]), tmp_path / "ok")["global_step"] >= 1
