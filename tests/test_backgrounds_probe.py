@@ -113,6 +113,10 @@ def test_background_reader_is_at_chance_without_background_and_high_without_obje
             # the paired test against original: significant loss
             d = e["vs_original"]["accuracy"]
             assert d["ci95"][1] < 0 and d["p_value"] < 0.05
+            # AUC: DeLong's paired test, the paired bootstrap kept beside it; both see the loss
+            da, db = e["vs_original"]["auc"], e["vs_original"]["auc_bootstrap"]
+            assert da["interval"] == "DeLong" and da["ci95"][1] < 0 and da["p_value"] < 0.05
+            assert db["interval"] == "paired bootstrap" and db["value"] == pytest.approx(da["value"]) and db["ci95"][1] < 0
         # BG-Gap: the background decides, so mixed_rand is near chance and the gap is large and significant
         gap = cols[f"bg_gap/{method}"]
         assert gap["value"] > 0.5 and gap["ci95"][0] > 0 and gap["p_value"] < 0.05
@@ -142,7 +146,8 @@ def test_constant_model_is_at_chance_everywhere_with_no_significant_gap(reports)
         assert e["value"] == pytest.approx(1 / K) and e["chance"] == pytest.approx(1 / K)
         assert e["auc"]["value"] == pytest.approx(0.5)  # all scores tied: one half
         assert e["vs_original"]["accuracy"]["value"] == 0 and e["vs_original"]["accuracy"]["p_value"] >= 0.05
-        assert e["vs_original"]["auc"]["p_value"] >= 0.05
+        assert e["vs_original"]["auc"]["p_value"] >= 0.05 and e["vs_original"]["auc"]["interval"] == "DeLong"
+        assert e["vs_original"]["auc_bootstrap"]["p_value"] >= 0.05
         assert e["correct"]["subset"] == "correct" and e["correct"]["n"] == N // K
 
 
@@ -294,6 +299,10 @@ def test_study_matrix_markdown_json_and_heatmap(tmp_path, reports):
              "flags": [], "hardware": "test", "timing": {"total_s": 1.0}}
     cell = table["background"]["backgrounds"]["no_fg/black"]
     assert cell["n_seeds"] == 2 and cell["mean"] == 1.0 and cell["auc"]["mean"] == pytest.approx(1.0)
+    # each seed keeps its paired tests against original: accuracy by bootstrap, AUC by DeLong (and the bootstrap)
+    lost = table["background"]["backgrounds"]["only_fg/black"]["seeds"]["0"]["vs_original"]
+    assert lost["accuracy"]["interval"] == "paired bootstrap" and lost["auc"]["interval"] == "DeLong"
+    assert lost["auc"]["p_value"] < 0.05 and lost["auc_bootstrap"]["interval"] == "paired bootstrap"
     # mixed_rand partners depend on the seed: two seeds give a spread
     spread = table["background"]["backgrounds"]["mixed_rand/black"]
     assert spread["n_seeds"] == 2 and spread["min"] <= spread["mean"] <= spread["max"]

@@ -11,9 +11,12 @@ Per ``<condition>/<method>`` entry (subsets ``all`` and ``correct``, as every pr
 * ``value``: top-1 accuracy, Wilson 95% interval, per class, chance ``1/K``;
 * ``auc``: one-vs-rest macro AUC from the softmax scores (ties count one half), a percentile
   bootstrap 95% interval over images, per class, chance 0.5;
-* ``vs_original``: the paired difference to ``original`` under the same method, accuracy and AUC,
-  each with a paired bootstrap interval over images (the same resampled images for both
-  conditions) and a two-sided bootstrap p-value; DeLong's test is not used.
+* ``vs_original``: the paired difference to ``original`` under the same method: ``accuracy`` with a
+  paired bootstrap interval over images (the same resampled images for both conditions) and a
+  two-sided bootstrap p-value; ``auc`` with DeLong's paired test
+  (:func:`masktrain.stats.delong_macro_auc_test`: the macro difference's DeLong variance with the
+  covariances between conditions and between classes, normal interval and p-value);
+  ``auc_bootstrap`` the paired bootstrap of the same difference, kept beside it.
 
 ``bg_gap/<method>``: ``acc(mixed_same) − acc(mixed_rand)`` (IN-9's BG-Gap) with a paired bootstrap
 interval and p-value, chance 0.
@@ -226,10 +229,14 @@ class Backgrounds(Probe):
                         "metric": "one-vs-rest macro AUC of the softmax scores"}
         acc_b = counts @ hit.astype(np.float64) / max(n, 1)
         acc_ob = counts @ hit_o.astype(np.float64) / max(n, 1)
+        delong = stats.delong_macro_auc_test(scores[:, :k], original[:, :k], labels, k)
         entry["vs_original"] = {
             "accuracy": _diff(float(hit.mean() - hit_o.mean()) if n else float("nan"), acc_b - acc_ob),
-            "auc": _diff(float(macro[0] - macro_o[0]), macro_b - macro_ob),
-            "test": "paired bootstrap over images (the same resampled images under both conditions)",
+            "auc": {"value": _f(delong["value"]), "ci95": [_f(v) for v in delong["ci95"]], "p_value": _f(delong["p_value"]),
+                    "se": _f(delong["se"]), "z": _f(delong["z"]), "interval": "DeLong", "test": delong["test"]},
+            "auc_bootstrap": _diff(float(macro[0] - macro_o[0]), macro_b - macro_ob),
+            "test": "accuracy: paired bootstrap over images (the same resampled images under both conditions); "
+                    "AUC: DeLong's paired test (auc), the paired bootstrap beside it (auc_bootstrap)",
         }
         entry.update({"condition": condition, "method": method, "flags": []})
         if "fallback" in records:
@@ -241,7 +248,7 @@ class Backgrounds(Probe):
 
     # report.md ----------------------------------------------------------------------------
     def report_rows(self, cols: dict[str, dict]) -> list[str]:
-        lines = ["| condition | method | subset | accuracy | 95% CI | AUC | 95% CI | Δacc vs original [95% CI], p | ΔAUC vs original [95% CI], p | n |",
+        lines = ["| condition | method | subset | accuracy | 95% CI | AUC | 95% CI | Δacc vs original [95% CI], p (bootstrap) | ΔAUC vs original [95% CI], p (DeLong) | n |",
                  "|---|---|---|---|---|---|---|---|---|---|"]
         gaps = []
         for key, entry in cols.items():
@@ -260,7 +267,9 @@ class Backgrounds(Probe):
             lines += ["", "BG-Gap = acc(mixed_same) − acc(mixed_rand) (paired bootstrap over images):", "",
                       "| method | subset | BG-Gap | 95% CI | p | acc mixed_same | acc mixed_rand | n |",
                       "|---|---|---|---|---|---|---|---|"] + gaps
-        lines += ["", "Paired tests against `original`: paired bootstrap over images (not DeLong); AUC: one-vs-rest macro."]
+        lines += ["", "Paired tests against `original`: accuracy by a paired bootstrap over images; AUC (one-vs-rest macro) by "
+                  "DeLong's paired test, covariances across classes included (report.json keeps the paired bootstrap "
+                  "beside it as `vs_original.auc_bootstrap`)."]
         return lines
 
     def summary_columns(self, entry: dict) -> dict[str, Any]:
@@ -270,6 +279,10 @@ class Backgrounds(Probe):
     def study_cell(self, entry: dict) -> dict[str, Any]:
         cell = super().study_cell(entry)
         cell["auc"] = (entry.get("auc") or {}).get("value")
+        vs = entry.get("vs_original") or {}
+        if vs:  # this seed's paired tests against original (accuracy: bootstrap, AUC: DeLong)
+            cell["vs_original"] = {m: {f: (vs.get(m) or {}).get(f) for f in ("value", "ci95", "p_value", "interval")}
+                                   for m in ("accuracy", "auc", "auc_bootstrap") if m in vs}
         return cell
 
     @staticmethod
@@ -299,8 +312,8 @@ class Backgrounds(Probe):
         lines = [f"## {self.name}", "",
                  "Train condition (rows: the training regime) × test condition (columns), mean ± sd over seeds. "
                  f"Accuracy in % (chance {100 * (chance or 0):.1f}%), `bg_gap` = acc(mixed_same) − acc(mixed_rand) in points; "
-                 "AUC one-vs-rest macro (chance 0.5). Paired tests against `original` (paired bootstrap over images) "
-                 "are in each run's report.md.", ""]
+                 "AUC one-vs-rest macro (chance 0.5). Paired tests against `original` (accuracy: paired bootstrap over "
+                 "images; AUC: DeLong) are in each run's report.md, and per seed in study.json.", ""]
         for method in methods:
             for metric, title in (("value", "accuracy (%)"), ("auc", "AUC")):
                 cols = [c for c in conditions if metric == "value" or c != GAP]
