@@ -97,6 +97,20 @@ def test_ddp_with_the_default_wandb_logger(tmp_path, method):
     assert metrics["test/acc_clean"] == pytest.approx(_clean_accuracy(ckpt, "test"), abs=1e-6)
 
 
+@pytest.mark.slow
+def test_ddp_trains_on_a_mixed_condition_under_layer_masking(tmp_path):
+    """mask=condition mask.condition=mixed_rand under layer masking on two ranks: each rank pastes partners
+    from its own batch shard, drawn from its (seed, rank, step) generator; the run finishes and reports."""
+    args = ["recipe=mixed_rand", "mask.method=layer", "logger=csv", *_without(TINY, "data.batch_size"),
+            "data.batch_size=16", "trainer=ddp", "trainer.devices=2", "hydra.run.dir=ddp"]
+    ddp = run_cli("train.py", args, tmp_path, timeout=600)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert metrics["global_step"] == 2 and 0 <= metrics["val/acc_masked"] <= 1 and 0 <= metrics["test/acc_masked"] <= 1
+    logged = (next((tmp_path / "ddp").rglob("metrics.csv"))).read_text().splitlines()[0].split(",")
+    assert "train/partner_fallback" in logged
+
+
 def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}

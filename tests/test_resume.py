@@ -12,28 +12,29 @@ import torch
 from conftest import REPO
 
 ARGS = [
-    "recipe=mask_aug", "logger=csv", "data.dataset.image_size=16", "data.dataset.lengths.train=320",
+    "logger=csv", "data.dataset.image_size=16", "data.dataset.lengths.train=320",
     "data.dataset.lengths.val=32", "data.batch_size=16", "data.num_workers=0", "trainer.max_epochs=3",
     "trainer.enable_progress_bar=false", "trainer.accelerator=cpu",
 ]
 STEPS = 3 * 320 // 16
 
 
-def _start(run_dir, *extra):
+def _start(run_dir, recipe, *extra):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, str(REPO / "train.py"), *ARGS, f"hydra.run.dir={run_dir}", *extra]
+    cmd = [sys.executable, str(REPO / "train.py"), f"recipe={recipe}", *ARGS, f"hydra.run.dir={run_dir}", *extra]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
 
 
 @pytest.mark.slow
-def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
-    reference = _start(tmp_path / "reference")
+@pytest.mark.parametrize("recipe", ["mask_aug", "mixed_rand"])  # mixed_rand: partners drawn per step, resumed exactly
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, recipe):
+    reference = _start(tmp_path / "reference", recipe)
     assert reference.wait(timeout=600) == 0, reference.stderr.read()[-2000:]
     expected = json.loads((tmp_path / "reference" / "metrics.json").read_text())
     assert expected["global_step"] == STEPS
 
     run_dir = tmp_path / "killed"
-    proc = _start(run_dir)
+    proc = _start(run_dir, recipe)
     last = run_dir / "checkpoints" / "last.ckpt"
     deadline = time.time() + 600
     while not last.exists() and time.time() < deadline:
@@ -47,7 +48,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path):
     saved_step = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
     assert 0 < saved_step < STEPS
 
-    resumed = _start(run_dir, "resume=true")
+    resumed = _start(run_dir, recipe, "resume=true")
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read()[-2000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics == expected
