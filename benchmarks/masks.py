@@ -158,6 +158,50 @@ def condition_throughput(size: int, batch: int, repeats: int, methods=("black", 
     return {name: batch / s for name, s in seconds.items()}
 
 
+def _ellipse_objects(batch: int, size: int, g: torch.Generator) -> torch.Tensor:
+    """One ellipse per image (about 20% of it) at a random place: ``(B, 1, size, size)``."""
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    centre = torch.rand(batch, 2, generator=g) - 0.5
+    return ((((yy - centre[:, :1, None]) / 0.4) ** 2 + ((xx - centre[:, 1:, None]) / 0.6) ** 2) < 1).float()[:, None]
+
+
+def condition_training_share(repeats: int, arch: str = "resnet18", size: int = 64, batch: int = 64,
+                             cases=(("no_fg", "grey"), ("only_bg_t", "grey"), ("mixed_rand", "tile"),
+                                    ("mixed_same", "grey"), ("mixed_rand", "layer"))) -> dict[str, tuple[float, float]]:
+    """``{condition / method: (input s, share of input + train step)}``: what ``mask=condition`` adds to a
+    training step -- ConditionSampler.inputs (partners from the batch, the condition) and, for a fill, the
+    fill -- against the plain fp32 step of ``arch`` at ``size``², ``batch``, measured interleaved."""
+    from masktrain.conditions import ConditionSampler
+    from masktrain.methods import FillMethod
+
+    model = timm.create_model(arch, num_classes=10).to(DEVICE)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    g0 = torch.Generator().manual_seed(0)
+    images = torch.rand(batch, 3, size, size, generator=g0).to(DEVICE)
+    labels = torch.randint(0, 10, (batch,), generator=g0).to(DEVICE)
+    objects = _ellipse_objects(batch, size, g0).to(DEVICE)
+    contenders: dict[str, Callable[[], object]] = {}
+    for condition, method_name in cases:
+        sampler, method = ConditionSampler(1.0, condition), get_method(method_name)
+
+        def augment(sampler=sampler, method=method):
+            g = step_generator(0, 0, 0, DEVICE)
+            c = sampler.inputs(images, labels, objects, g, method, 10)
+            return method.apply(c.images, c.keep, g) if isinstance(method, FillMethod) else c
+
+        contenders[f"{condition} / {method_name}"] = augment
+
+    def step():
+        loss = F.cross_entropy(model(images), labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    contenders["step"] = step
+    seconds = _interleaved(contenders, repeats)
+    return {k: (v, v / (v + seconds["step"])) for k, v in seconds.items() if k != "step"} | {"step": (seconds["step"], 1.0)}
+
+
 def main() -> None:
     global DEVICE
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -183,6 +227,12 @@ def main() -> None:
     print(f"\nconditions (masktrain.conditions), 224x224, batch {args.batch}  img/s")
     for name, rate in rates.items():
         print(f"  {name:52s} {rate:10.0f}")
+    shares = condition_training_share(max(5, args.repeats // 4), args.share_arch, args.share_size, args.share_batch)
+    step_s = shares.pop("step")[0]
+    print(f"\nmask=condition in a training step ({args.share_arch} {args.share_size}x{args.share_size} batch "
+          f"{args.share_batch} fp32, step {step_s * 1e3:.1f} ms): input ms, share of input + step")
+    for name, (seconds, share) in shares.items():
+        print(f"  {name:52s} {seconds * 1e3:8.2f} ms {100 * share:6.2f}%")
     if args.conditions_only:
         return
     for size in args.sizes:
