@@ -18,7 +18,7 @@ from conftest import TINY
 from masktrain.cli import compose
 from masktrain.training import train
 from masktrain.wandb_resume import recorded_run_id
-from wandb_files import read_offline_run
+from wandb_files import read_finished_offline_run
 
 STEPS_PER_EPOCH = 64 // 16  # TINY: 64 training images, batch 16
 
@@ -30,7 +30,7 @@ def _args(epochs: int, *extra: str) -> list[str]:
 
 def _parts(run_dir: Path) -> list[dict]:
     """The W&B offline parts under ``run_dir/wandb``, oldest first (the directory names start with the time)."""
-    return [read_offline_run(p) for p in sorted((run_dir / "wandb").glob("offline-run-*"))]
+    return [read_finished_offline_run(p) for p in sorted((run_dir / "wandb").glob("offline-run-*"))]
 
 
 def _steps(part: dict) -> list[int]:

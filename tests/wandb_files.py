@@ -40,6 +40,35 @@ def _payloads(path: Path) -> Iterator[bytes]:
             pending = b""
 
 
+def _finished(log: Path) -> bool:
+    """Whether the transaction log holds its ``exit`` record (written once ``run.finish()`` is done)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    try:
+        for payload in _payloads(log):
+            record = pb.Record()
+            record.ParseFromString(payload)
+            if record.WhichOneof("record_type") == "exit":
+                return True
+    except Exception:  # a record still being written
+        return False
+    return False
+
+
+def read_finished_offline_run(run_dir: Path, timeout: float = 60.0) -> dict[str, Any]:
+    """:func:`read_offline_run` once the log is complete. In the process that logged the run,
+    ``wandb.finish()`` can return before wandb-core has written the log out (a subprocess's exit
+    waits for it), so an in-process test waits for the ``exit`` record."""
+    import time
+
+    (log,) = Path(run_dir).glob("run-*.wandb")
+    deadline = time.monotonic() + timeout
+    while not _finished(log):
+        assert time.monotonic() < deadline, f"{log} has no exit record after {timeout} s"
+        time.sleep(0.1)
+    return read_offline_run(run_dir)
+
+
 def read_offline_run(run_dir: Path) -> dict[str, Any]:
     """``{"run": {id, name, group, job_type}, "config": {...}, "history": [{key: value}], "summary": {...}}``."""
     from wandb.proto import wandb_internal_pb2 as pb
