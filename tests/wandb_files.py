@@ -26,6 +26,8 @@ def _payloads(path: Path) -> Iterator[bytes]:
             pos += left
             continue
         length, kind = struct.unpack_from("<HB", data, pos + 4)
+        if pos + 7 + length > len(data):  # a record cut off by a killed writer
+            return
         chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
         if kind == 0 and length == 0:
             continue
@@ -69,8 +71,10 @@ def read_finished_offline_run(run_dir: Path, timeout: float = 60.0) -> dict[str,
     return read_offline_run(run_dir)
 
 
-def read_offline_run(run_dir: Path) -> dict[str, Any]:
-    """``{"run": {id, name, group, job_type}, "config": {...}, "history": [{key: value}], "summary": {...}}``."""
+def read_offline_run(run_dir: Path, partial: bool = False) -> dict[str, Any]:
+    """``{"run": {id, name, group, job_type}, "config": {...}, "history": [{key: value}], "summary": {...}}``.
+
+    ``partial=True`` reads the log of a killed process up to its last complete record."""
     from wandb.proto import wandb_internal_pb2 as pb
 
     (log,) = Path(run_dir).glob("run-*.wandb")
@@ -79,9 +83,16 @@ def read_offline_run(run_dir: Path) -> dict[str, Any]:
     def items(updates) -> dict[str, Any]:
         return {(u.key or "/".join(u.nested_key)): json.loads(u.value_json) for u in updates}
 
+    from google.protobuf.message import DecodeError
+
     for payload in _payloads(log):
         record = pb.Record()
-        record.ParseFromString(payload)
+        try:
+            record.ParseFromString(payload)
+        except DecodeError:
+            if not partial:
+                raise
+            break  # the record the process was writing when it was killed
         kind = record.WhichOneof("record_type")
         if kind == "run":
             r = record.run
