@@ -218,8 +218,8 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
         config=OmegaConf.to_container(cfg, resolve=True),
     )
     callbacks = [
-        # Two callbacks, because since Lightning 2.6 `save_last=True` rewrites last.ckpt only in a step
-        # where the monitored top-k file was written: last.ckpt lagged behind whenever validation accuracy
+        # Two callbacks, because in Lightning 2.6.6 (seen there; not checked in older releases)
+        # `save_last=True` rewrites last.ckpt only in a step where the monitored top-k file was written: last.ckpt lagged behind whenever validation accuracy
         # did not improve, and a resume (or a study, a fine-tune) took an older epoch. Unmonitored, the
         # second callback writes last.ckpt every epoch.
         ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/acc_clean", mode="max",

@@ -149,7 +149,7 @@ def test_resume_in_a_sweep_never_takes_another_seeds_checkpoint(tmp_path):
 
 def test_last_ckpt_is_the_newest_epoch_even_when_validation_does_not_improve(tmp_path):
     # lr 0 and one validation image: validation accuracy cannot improve after epoch 0 (ties do
-    # not improve), so best.ckpt stays there. Lightning 2.6's save_last=True left last.ckpt there too.
+    # not improve), so best.ckpt stays there. Lightning 2.6.6's save_last=True left last.ckpt there too.
     cfg = compose("train", ["recipe=baseline", "logger=none", "optim.lr=0", "optim.warmup_fraction=0",
                             *[a for a in TINY if not a.startswith(("trainer.max_epochs=", "data.dataset.lengths.val="))],
                             "data.dataset.lengths.val=1", "trainer.max_epochs=2"])
