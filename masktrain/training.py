@@ -218,10 +218,11 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
         config=OmegaConf.to_container(cfg, resolve=True),
     )
     callbacks = [
-        # Two callbacks, because in Lightning 2.6.6 (seen there; not checked in older releases)
-        # `save_last=True` rewrites last.ckpt only in a step where the monitored top-k file was written: last.ckpt lagged behind whenever validation accuracy
-        # did not improve, and a resume (or a study, a fine-tune) took an older epoch. Unmonitored, the
-        # second callback writes last.ckpt every epoch.
+        # Two callbacks, because in Lightning 2.6.6 (seen there; older releases not checked)
+        # `save_last=True` rewrites last.ckpt only in a step where the monitored top-k file was
+        # written: last.ckpt lagged behind whenever validation accuracy did not improve, and a
+        # resume (or a study, a fine-tune) took an older epoch. Unmonitored, the second callback
+        # writes last.ckpt every epoch.
         ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/acc_clean", mode="max",
                         save_top_k=1, enable_version_counter=False, auto_insert_metric_name=False),
         ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", save_top_k=1, enable_version_counter=False),
