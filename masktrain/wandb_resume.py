@@ -8,8 +8,10 @@ every rank reads the same file, so all ranks agree, although only rank 0 talks t
 
 Offline (the default), wandb 0.31 writes the resumed part as a second
 ``<run dir>/wandb/offline-run-<time>-<same id>`` directory whose ``run`` record carries the
-resume intent; ``wandb sync`` groups the directories of one id and uploads them in start-time
-order into that one run.
+resume intent (``resume=True``; its own ``_step`` starts again at 0, Lightning's x-axis
+``trainer/global_step`` goes on). ``wandb sync`` groups the directories of one id and uploads
+them in start-time order into that one run (``wandb sync --help`` of 0.31; no upload was tried
+here, there is no network).
 """
 from __future__ import annotations
 
