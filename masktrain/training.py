@@ -10,6 +10,7 @@ import logging
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import hydra
 import lightning as L
@@ -26,6 +27,7 @@ import masktrain.conditions  # noqa: F401  (registers mask.kind=condition)
 from masktrain.masks import MASK_KINDS, RandomKeepMask
 from masktrain.io_utils import atomic_write
 from masktrain.methods import get_method
+from masktrain.wandb_resume import WandbRunId, recorded_run_id
 
 log = logging.getLogger(__name__)
 _MASK_KEYS = ("method", "kind", "p")
@@ -88,7 +90,13 @@ def resolve_num_classes(cfg: DictConfig, datamodule: Any) -> int:
     return k
 
 
-def _resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
+def resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
+    """The checkpoint a run continues (``ckpt_path``, or ``resume=true``: its own
+    ``last.ckpt``, else that of the newest earlier timestamped run of the recipe), or None.
+
+    Resolved before anything is built, so ``resume=true`` with nothing to continue stops at
+    once with one line. Every DDP rank resolves the same file (they share the run directory).
+    """
     if cfg.get("ckpt_path"):
         return str(cfg.ckpt_path)
     if not cfg.get("resume"):
@@ -104,7 +112,8 @@ def _resume_checkpoint(cfg: DictConfig, run_dir: Path) -> str | None:
     earlier = sorted(run_dir.parent.glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
     earlier = [p for p in earlier if run_dir not in p.parents and _TIMESTAMP.fullmatch(p.parents[1].name)]
     if not earlier:
-        raise UserError(f"resume=true found no checkpoints/last.ckpt in {str(run_dir)!r} or beside it; start without resume")
+        raise UserError(f"resume=true: no earlier {cfg.name} run to continue (no {str(run_dir.parent)}/*/checkpoints/"
+                        f"last.ckpt); run without resume=true, or continue a checkpoint with ckpt_path=<file>")
     log.info("resuming from %s", earlier[-1])
     return str(earlier[-1])
 
@@ -133,9 +142,18 @@ def resolve_init(cfg: DictConfig, run_dir: Path) -> str | None:
     return str(finished_run_checkpoint(Path(str(sweep)), str(source), int(cfg.seed)))
 
 
-def _logger(cfg: DictConfig, run_dir: Path):
+@rank_zero_only
+def _warn(message: str, *args: Any) -> None:
+    log.warning(message, *args)
+
+
+def _logger(cfg: DictConfig, run_dir: Path, resume_from: str | None = None, recorded_id: str | None = None):
     """The run's experiment logger, or False. Nothing here touches ``logger.experiment``: on a
-    rank other than 0 Lightning hands back a dummy, and W&B starts its run lazily on rank 0."""
+    rank other than 0 Lightning hands back a dummy, and W&B starts its run lazily on rank 0.
+
+    A resumed run (``resume_from``) logs to the W&B run its checkpoint records (``recorded_id``,
+    :mod:`masktrain.wandb_resume`), so one training run stays one W&B run across restarts.
+    """
     if not cfg.get("logger") or not cfg.logger.get("_target_"):
         return False
     target = str(cfg.logger._target_)
@@ -143,9 +161,15 @@ def _logger(cfg: DictConfig, run_dir: Path):
         os.environ.setdefault("WANDB_SILENT", "true")
         if cfg.logger.get("offline", True):
             os.environ["WANDB_MODE"] = "offline"
+        run_id = cfg.logger.get("id")  # an explicit logger.id wins
+        if resume_from and not run_id:
+            run_id = recorded_id
+            if run_id is None:
+                _warn("resuming from %s, which records no W&B run id (it was written with another logger or by an "
+                      "older masktrain): the resumed part is logged to a new W&B run", resume_from)
         # save_dir=<run dir>: W&B itself writes <run dir>/wandb/offline-run-*, which `wandb sync` uploads.
         return hydra.utils.instantiate(cfg.logger, save_dir=str(run_dir), name=f"{cfg.name}-seed{cfg.seed}",
-                                       group=cfg.get("study"), job_type="train")
+                                       group=cfg.get("study"), job_type="train", id=run_id)
     return hydra.utils.instantiate(cfg.logger, save_dir=str(run_dir))
 
 
@@ -165,6 +189,8 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
     """Train one run into ``run_dir``; returns the final val/ and test/ metrics and the step count."""
     run_dir = Path(run_dir)
     validate_config(cfg)
+    resume_from = resume_checkpoint(cfg, run_dir)
+    recorded_id = recorded_run_id(resume_from, "ckpt_path" if cfg.get("ckpt_path") else "resume=true") if resume_from else None
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     init_from = resolve_init(cfg, run_dir)
     if init_from:
@@ -197,12 +223,19 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
         config=OmegaConf.to_container(cfg, resolve=True),
     )
     callbacks = [
+        # Two callbacks, because in Lightning 2.6.6 (seen there; older releases not checked)
+        # `save_last=True` rewrites last.ckpt only in a step where the monitored top-k file was
+        # written: last.ckpt lagged behind whenever validation accuracy did not improve, and a
+        # resume (or a study, a fine-tune) took an older epoch. Unmonitored, the second callback
+        # writes last.ckpt every epoch.
         ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/acc_clean", mode="max",
-                        save_top_k=1, save_last=True, enable_version_counter=False, auto_insert_metric_name=False),
+                        save_top_k=1, enable_version_counter=False, auto_insert_metric_name=False),
+        ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", save_top_k=1, enable_version_counter=False),
         MaskedSampleGrid(run_dir / "samples", cfg.samples.every_n_epochs),
+        WandbRunId(recorded_id),
     ]
     trainer = hydra.utils.instantiate(
-        cfg.trainer, default_root_dir=str(run_dir), callbacks=callbacks, logger=_logger(cfg, run_dir),
+        cfg.trainer, default_root_dir=str(run_dir), callbacks=callbacks, logger=_logger(cfg, run_dir, resume_from, recorded_id),
         plugins=[AtomicCheckpointIO()],
     )
     config = OmegaConf.to_container(cfg, resolve=True)
@@ -213,7 +246,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     failed = True
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=_resume_checkpoint(cfg, run_dir))
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         metrics["global_step"] = int(trainer.global_step)
         # The final model on the test split: the number the README and studies quote.

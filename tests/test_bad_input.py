@@ -74,3 +74,10 @@ def test_evaluate_study_directory_with_no_runs(tmp_path):
     result = run_cli("evaluate.py", [f"study={empty}"], tmp_path, timeout=180)
     _assert_one_clear_line(result, "holds no runs", tmp_path)
     assert list(empty.iterdir()) == []
+
+
+def test_resume_with_no_earlier_run_is_one_line(tmp_path):
+    # The default (W&B) logger, as users run it: nothing is built, no W&B run started, before the message.
+    result = run_cli("train.py", ["recipe=mask_aug", "resume=true", *TINY], tmp_path, timeout=180)
+    _assert_one_clear_line(result, "resume=true: no earlier mask_aug run to continue", tmp_path)
+    assert "ckpt_path=" in result.stderr and not list(tmp_path.rglob("wandb"))

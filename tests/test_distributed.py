@@ -111,6 +111,33 @@ def test_ddp_trains_on_a_mixed_condition_under_layer_masking(tmp_path):
     assert "train/partner_fallback" in logged
 
 
+def _history_steps(record: dict) -> list[int]:
+    return [h["trainer/global_step"] for h in record["history"] if "trainer/global_step" in h]
+
+
+@pytest.mark.slow
+def test_ddp_resume_continues_the_wandb_run(tmp_path):
+    # Rank 0 alone knows the W&B run id; every rank reads it back from the same checkpoint on resume.
+    common = ["recipe=mask_aug", *_without(_without(TINY, "data.batch_size"), "trainer.max_epochs"), "data.batch_size=16",
+              "trainer=ddp", "trainer.devices=2", "hydra.run.dir=ddp"]
+    first = run_cli("train.py", [*common, "trainer.max_epochs=1"], tmp_path, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    steps = json.loads((tmp_path / "ddp" / "metrics.json").read_text())["global_step"]
+    second = run_cli("train.py", [*common, "trainer.max_epochs=2", "resume=true"], tmp_path, timeout=600)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "Traceback" not in second.stderr and "no W&B run id" not in second.stderr
+
+    parts = sorted((tmp_path / "ddp" / "wandb").glob("offline-run-*"))  # oldest first
+    assert len(parts) == 2 and len(list(tmp_path.rglob("offline-run-*"))) == 2  # one part per command, rank 0 only
+    before, after = (read_offline_run(p) for p in parts)
+    assert before["run"]["id"] == after["run"]["id"] and after["config"]["trainer"]["strategy"] == "ddp"
+    assert json.loads((tmp_path / "ddp" / "metrics.json").read_text())["global_step"] == 2 * steps
+    assert max(_history_steps(before)) == steps and min(_history_steps(after)) >= steps
+    assert max(_history_steps(after)) == 2 * steps
+    assert after["summary"]["test/acc_clean"] == pytest.approx(
+        json.loads((tmp_path / "ddp" / "metrics.json").read_text())["test/acc_clean"], abs=1e-6)
+
+
 def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
            "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}

@@ -145,3 +145,15 @@ def test_resume_in_a_sweep_never_takes_another_seeds_checkpoint(tmp_path):
     metrics = train(cfg, sweep / "baseline" / "seed1")
     fresh = train(compose("train", ["recipe=baseline", "logger=none", "seed=1", *TINY]), tmp_path / "fresh")
     assert metrics == fresh  # started fresh, not from seed 0's checkpoint
+
+
+def test_last_ckpt_is_the_newest_epoch_even_when_validation_does_not_improve(tmp_path):
+    # lr 0 and one validation image: validation accuracy cannot improve after epoch 0 (ties do
+    # not improve), so best.ckpt stays there. Lightning 2.6.6's save_last=True left last.ckpt there too.
+    cfg = compose("train", ["recipe=baseline", "logger=none", "optim.lr=0", "optim.warmup_fraction=0",
+                            *[a for a in TINY if not a.startswith(("trainer.max_epochs=", "data.dataset.lengths.val="))],
+                            "data.dataset.lengths.val=1", "trainer.max_epochs=2"])
+    train(cfg, tmp_path)
+    load = lambda name: torch.load(tmp_path / "checkpoints" / name, map_location="cpu", weights_only=False)
+    assert load("best.ckpt")["global_step"] == 4, "the setup must leave best.ckpt at epoch 0 for this test to mean anything"
+    assert load("last.ckpt")["global_step"] == 8 and load("last.ckpt")["epoch"] == 1

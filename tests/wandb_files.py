@@ -26,6 +26,8 @@ def _payloads(path: Path) -> Iterator[bytes]:
             pos += left
             continue
         length, kind = struct.unpack_from("<HB", data, pos + 4)
+        if pos + 7 + length > len(data):  # a record cut off by a killed writer
+            return
         chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
         if kind == 0 and length == 0:
             continue
@@ -40,8 +42,39 @@ def _payloads(path: Path) -> Iterator[bytes]:
             pending = b""
 
 
-def read_offline_run(run_dir: Path) -> dict[str, Any]:
-    """``{"run": {id, name, group, job_type}, "config": {...}, "history": [{key: value}], "summary": {...}}``."""
+def _finished(log: Path) -> bool:
+    """Whether the transaction log holds its ``exit`` record (written once ``run.finish()`` is done)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    try:
+        for payload in _payloads(log):
+            record = pb.Record()
+            record.ParseFromString(payload)
+            if record.WhichOneof("record_type") == "exit":
+                return True
+    except Exception:  # a record still being written
+        return False
+    return False
+
+
+def read_finished_offline_run(run_dir: Path, timeout: float = 60.0) -> dict[str, Any]:
+    """:func:`read_offline_run` once the log is complete. In the process that logged the run,
+    ``wandb.finish()`` can return before wandb-core has written the log out (a subprocess's exit
+    waits for it), so an in-process test waits for the ``exit`` record."""
+    import time
+
+    (log,) = Path(run_dir).glob("run-*.wandb")
+    deadline = time.monotonic() + timeout
+    while not _finished(log):
+        assert time.monotonic() < deadline, f"{log} has no exit record after {timeout} s"
+        time.sleep(0.1)
+    return read_offline_run(run_dir)
+
+
+def read_offline_run(run_dir: Path, partial: bool = False) -> dict[str, Any]:
+    """``{"run": {id, name, group, job_type}, "config": {...}, "history": [{key: value}], "summary": {...}}``.
+
+    ``partial=True`` reads the log of a killed process up to its last complete record."""
     from wandb.proto import wandb_internal_pb2 as pb
 
     (log,) = Path(run_dir).glob("run-*.wandb")
@@ -50,9 +83,16 @@ def read_offline_run(run_dir: Path) -> dict[str, Any]:
     def items(updates) -> dict[str, Any]:
         return {(u.key or "/".join(u.nested_key)): json.loads(u.value_json) for u in updates}
 
+    from google.protobuf.message import DecodeError
+
     for payload in _payloads(log):
         record = pb.Record()
-        record.ParseFromString(payload)
+        try:
+            record.ParseFromString(payload)
+        except DecodeError:
+            if not partial:
+                raise
+            break  # the record the process was writing when it was killed
         kind = record.WhichOneof("record_type")
         if kind == "run":
             r = record.run
