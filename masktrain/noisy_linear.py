@@ -41,6 +41,8 @@ combination of visible pixels and clamping changes nothing).
 """
 from __future__ import annotations
 
+import warnings
+from types import ModuleType
 from typing import Optional, Sequence
 
 import torch
@@ -48,6 +50,57 @@ import torch.nn.functional as F
 from torch import Tensor
 
 DIRECT, DIAGONAL = 1.0 / 6.0, 1.0 / 12.0
+SOLVERS = ("auto", "torch")
+
+_KERNELS: Optional[ModuleType] = None  # masktrain.noisy_linear_kernels once imported
+_KERNELS_FAILED = False
+
+
+def _kernels() -> Optional[ModuleType]:
+    """The numba solver, imported once per process (compiled code is cached on disk); None if unavailable."""
+    global _KERNELS, _KERNELS_FAILED
+    if _KERNELS is None and not _KERNELS_FAILED:
+        try:
+            from masktrain import noisy_linear_kernels
+
+            _KERNELS = noisy_linear_kernels
+        except Exception as exc:  # noqa: BLE001 - any import problem means: use the torch solver
+            _disable_kernels(exc)
+    return _KERNELS
+
+
+def _disable_kernels(exc: Exception) -> None:
+    global _KERNELS, _KERNELS_FAILED
+    _KERNELS, _KERNELS_FAILED = None, True
+    warnings.warn(f"masktrain.noisy_linear: compiled solver unavailable ({exc}); using the torch solver",
+                  RuntimeWarning, stacklevel=4)
+
+
+def _solve_compiled(values: Tensor, keep: Tensor, tol: float, max_iter: int, min_side: int) -> Optional[Tensor]:
+    """The CPU fast path (:mod:`masktrain.noisy_linear_kernels`): ``values`` ``(n, C, H, W)`` float32/64
+    (zero at removed pixels), ``keep`` ``(n, 1, H, W)``, every image with a visible pixel.
+    None when the compiled solver is unavailable."""
+    kernels = _kernels()
+    if kernels is None:
+        return None
+    import numba
+
+    values = values.contiguous()
+    removed = (keep[:, 0] < 0.5).to(torch.uint8).contiguous()
+    out = torch.empty_like(values)
+    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    previous = numba.get_num_threads()
+    numba.set_num_threads(threads)  # follow torch's thread setting, as the torch solver would
+    try:
+        kernels.solve_batch(values.numpy(), removed.numpy(), out.numpy(), float(tol), int(max_iter),
+                            max(2, min_side // 2), kernels.COARSE_SCALE, kernels.COARSEST_SWEEPS,
+                            kernels.COARSE_NEED, kernels.SWEEPS)
+    except kernels.NumbaError as exc:  # numba compiles on first call; nothing was returned yet
+        _disable_kernels(exc)
+        return None
+    finally:
+        numba.set_num_threads(previous)
+    return out
 
 
 def _neighbour_sum(x: Tensor) -> Tensor:
@@ -184,6 +237,7 @@ def noisy_linear(
     check_every: int = 8,
     min_side: int = 8,
     preconditioner: str = "multigrid",
+    solver: str = "auto",
 ) -> Tensor:
     """ROAD's noisy linear imputation of the removed pixels of a batch.
 
@@ -200,11 +254,18 @@ def noisy_linear(
         clamp: clip the result to [0, 1] (only matters with noise).
         preconditioner: ``multigrid`` (a V-cycle per CG step: ~10-30 iterations whatever the
             hole size) or ``jacobi`` (the first version: hundreds of iterations for wide holes,
-            started from a coarse-to-fine guess).
+            started from a coarse-to-fine guess); the torch solver only.
+        solver: ``auto`` (the compiled solver of :mod:`masktrain.noisy_linear_kernels` for CPU
+            tensors without grad when numba works, else the batched torch solver) or ``torch``
+            (the batched torch solver on any device). Both stop at the same ``tol``.
 
     Returns:
         ``(B, C, H, W)``: ``images`` at visible pixels, the imputation at removed ones.
     """
+    if solver not in SOLVERS:
+        from masktrain.errors import UserError
+
+        raise UserError(f"noisy_linear solver={solver!r} is not one of {', '.join(SOLVERS)}; use solver=auto")
     B, C, H, W = images.shape
     work = images.dtype if images.dtype in (torch.float32, torch.float64) else torch.float32
     keep = (keep > 0.5).to(work)
@@ -216,9 +277,14 @@ def noisy_linear(
     if bool(has_any.any()):
         idx = has_any.nonzero().flatten()
         n = idx.numel()
-        solved = _solve(values[idx].reshape(n * C, 1, H, W), flat_keep.view(B, C, H, W)[idx].reshape(n * C, 1, H, W),
-                        tol, max_iter, check_every, min_side, preconditioner)
-        out[idx] = solved.view(n, C, H, W)
+        solved = None
+        if solver == "auto" and images.device.type == "cpu" and not values.requires_grad:
+            every = n == B  # the usual case: no copy of the batch
+            solved = _solve_compiled(values if every else values[idx], keep if every else keep[idx], tol, max_iter, min_side)
+        if solved is None:
+            solved = _solve(values[idx].reshape(n * C, 1, H, W), flat_keep.view(B, C, H, W)[idx].reshape(n * C, 1, H, W),
+                            tol, max_iter, check_every, min_side, preconditioner).view(n, C, H, W)
+        out[idx] = solved
     if not bool(has_any.all()):
         colour = torch.as_tensor(fallback, device=images.device, dtype=work).view(1, -1, 1, 1)
         out[~has_any] = colour.expand(int((~has_any).sum()), C, H, W)
