@@ -94,7 +94,7 @@ def _solve_compiled(values: Tensor, keep: Tensor, tol: float, max_iter: int, min
     try:
         kernels.solve_batch(values.numpy(), removed.numpy(), out.numpy(), float(tol), int(max_iter),
                             max(2, min_side // 2), kernels.COARSE_SCALE, kernels.COARSEST_SWEEPS,
-                            kernels.COARSE_NEED, kernels.SWEEPS)
+                            kernels.COARSE_NEED, kernels.SWEEPS, threads)
     except kernels.NumbaError as exc:  # numba compiles on first call; nothing was returned yet
         _disable_kernels(exc)
         return None

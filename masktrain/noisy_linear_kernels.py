@@ -35,6 +35,9 @@ DIRECT, DIAGONAL = 1.0 / 6.0, 1.0 / 12.0
 # blobs and rectangles (one sweep: 9-12; coarse scale 0.5: up to 22; 1.5: up to 14). A coarse cell is
 # an unknown only when all its children are (``COARSE_NEED`` = 4; 3 or fewer was no better).
 SWEEPS, COARSE_SCALE, COARSE_NEED, COARSEST_SWEEPS = 2, 1.0, 4, 4
+# Storage of the iterates (dot products and the stopping test accumulate in float64): float32 halves
+# the memory traffic of every stencil; its rounding (~1e-7 on values in [0, 1]) is far below tol.
+FLOAT = np.float32
 
 
 @numba.njit(cache=True, inline="always")
@@ -176,9 +179,34 @@ def _parents(idx, w):
 
 
 @numba.njit(cache=True)
-def _solve_image(values, removed2d, out, tol, max_iter, min_side, coarse_scale, coarsest_sweeps, need, sweeps):
+def _workspace(C, H, W, min_side):
+    """Arrays one worker reuses for all its images (fresh ones per image cost page faults).
+
+    Returns the level shapes (finest first, as far as the shape allows coarsening), their
+    diagonals, per-level coarse ``e``/``r`` arrays and the six level-0 vectors ``v x r z p q``."""
+    shapes = [(H, W)]
+    h, w = H, W
+    while min(h, w) >= 2 * min_side:
+        h, w = (h + 1) // 2, (w + 1) // 2
+        shapes.append((h, w))
+    diags = [_diag(hh, ww) for hh, ww in shapes]
+    # level 0 uses the CG vectors r and z: no arrays of its own (placeholders keep the lists typed)
+    es = [np.zeros((1, C), FLOAT)]
+    rs = [np.zeros((1, C), FLOAT)]
+    for lev in range(1, len(shapes)):
+        hh, ww = shapes[lev]
+        es.append(np.zeros(((hh + 2) * (ww + 2), C), FLOAT))
+        rs.append(np.zeros(((hh + 2) * (ww + 2), C), FLOAT))
+    vecs = np.zeros((6, (H + 2) * (W + 2), C), FLOAT)
+    return shapes, diags, es, rs, vecs
+
+
+@numba.njit(cache=True)
+def _solve_image(values, removed2d, out, tol, max_iter, coarse_scale, coarsest_sweeps, need, sweeps,
+                 shapes, diags, es, rs, vecs):
     """One image: ``values`` ``(C, H, W)`` (removed pixels ignored), ``removed2d`` ``(H, W)`` uint8;
-    writes the solution into ``out`` ``(C, H, W)``; returns the CG iteration count (all channels at once)."""
+    writes the solution into ``out`` ``(C, H, W)``; returns the CG iteration count (all channels at once).
+    The remaining arguments are a :func:`_workspace` for this shape."""
     C, H, W = values.shape
     wp = W + 2
     npx = (H + 2) * wp
@@ -187,34 +215,26 @@ def _solve_image(values, removed2d, out, tol, max_iter, min_side, coarse_scale, 
         for j in range(W):
             rem[(i + 1) * wp + j + 1] = removed2d[i, j]
     idxs = [_unknowns(rem, H, W)]
-    diags = [_diag(H, W)]
-    shapes = [(H, W)]
-    es = [np.zeros((npx, C))]
-    rs = [np.zeros((npx, C))]
-    h, w, cur = H, W, rem
-    while min(h, w) >= 2 * min_side:
+    cur = rem
+    for lev in range(1, len(shapes)):
+        h, w = shapes[lev - 1]
         coarse, hc, wc = _coarsen(cur, h, w, need)
         ix = _unknowns(coarse, hc, wc)
         if ix.size == 0:
             break
-        cur, h, w = coarse, hc, wc
+        cur = coarse
         idxs.append(ix)
-        diags.append(_diag(h, w))
-        shapes.append((h, w))
-        es.append(np.zeros(((h + 2) * (w + 2), C)))
-        rs.append(np.zeros(((h + 2) * (w + 2), C)))
-    dinvs = [1.0 / diags[lev][idxs[lev]] for lev in range(len(idxs))]
-    parents = [_parents(idxs[lev], shapes[lev][1]) for lev in range(len(idxs) - 1)]
+        es[lev][:] = 0.0  # the previous image's unknowns: a stencil reads them as neighbours
+    nl = len(idxs)
+    dinvs = [(1.0 / diags[lev][idxs[lev]]).astype(FLOAT) for lev in range(nl)]
+    parents = [_parents(idxs[lev], shapes[lev][1]) for lev in range(nl - 1)]
     if len(parents) == 0:
         parents.append(np.zeros(0, np.int64))  # typed, never read: a single level has no coarse cells
+    v, x, r, z, p, q = vecs[0], vecs[1], vecs[2], vecs[3], vecs[4], vecs[5]
+    z[:] = 0.0  # z and p are read by stencils: zero off this image's unknowns
+    p[:] = 0.0
     idx, dinv = idxs[0], dinvs[0]
     n = idx.size
-    v = np.zeros((npx, C))
-    x = np.zeros((npx, C))
-    r = np.zeros((npx, C))
-    z = np.zeros((npx, C))
-    p = np.zeros((npx, C))
-    q = np.zeros((npx, C))
     for c in range(C):
         for i in range(H):
             for j in range(W):
@@ -223,7 +243,8 @@ def _solve_image(values, removed2d, out, tol, max_iter, min_side, coarse_scale, 
     for k in idx:
         for c in range(C):
             r[k, c] = _nsum_c(v, k, c, wp)  # b: the visible neighbours' weighted sum; x starts at 0
-    _vcycle(r, z, idxs, dinvs, parents, shapes, es, rs, coarse_scale, coarsest_sweeps, sweeps)
+            x[k, c] = 0.0
+    _vcycle(r, z, idxs, dinvs, parents, shapes[:nl], es[:nl], rs[:nl], coarse_scale, coarsest_sweeps, sweeps)
     rz = np.zeros(C)
     pq = np.zeros(C)
     alpha = np.zeros(C)
@@ -261,7 +282,7 @@ def _solve_image(values, removed2d, out, tol, max_iter, min_side, coarse_scale, 
             for c in range(C):
                 x[k, c] += alpha[c] * p[k, c]
                 r[k, c] -= alpha[c] * q[k, c]
-        _vcycle(r, z, idxs, dinvs, parents, shapes, es, rs, coarse_scale, coarsest_sweeps, sweeps)
+        _vcycle(r, z, idxs, dinvs, parents, shapes[:nl], es[:nl], rs[:nl], coarse_scale, coarsest_sweeps, sweeps)
         for c in range(C):
             pq[c] = rz[c]  # the old <r, z>
             rz[c] = 0.0
@@ -282,11 +303,17 @@ def _solve_image(values, removed2d, out, tol, max_iter, min_side, coarse_scale, 
 
 
 @numba.njit(cache=True, parallel=True)
-def solve_batch(values, removed, out, tol, max_iter, min_side, coarse_scale, coarsest_sweeps, need, sweeps):
-    """The whole batch: ``values``/``out`` ``(B, C, H, W)`` float64, ``removed`` ``(B, H, W)`` uint8
-    (every image with at least one visible pixel). Returns the CG iteration count per image."""
-    B = values.shape[0]
+def solve_batch(values, removed, out, tol, max_iter, min_side, coarse_scale, coarsest_sweeps, need, sweeps, workers):
+    """The whole batch: ``values``/``out`` ``(B, C, H, W)`` float32 or float64, ``removed`` ``(B, H, W)``
+    uint8 (every image with at least one visible pixel). Returns the CG iteration count per image.
+
+    ``workers`` (the thread count) workers, each with its own workspace, take every ``workers``-th image."""
+    B, C, H, W = values.shape
     iters = np.zeros(B, np.int64)
-    for b in prange(B):
-        iters[b] = _solve_image(values[b], removed[b], out[b], tol, max_iter, min_side, coarse_scale, coarsest_sweeps, need, sweeps)
+    workers = max(1, min(B, workers))
+    for wk in prange(workers):
+        shapes, diags, es, rs, vecs = _workspace(C, H, W, min_side)
+        for b in range(wk, B, workers):
+            iters[b] = _solve_image(values[b], removed[b], out[b], tol, max_iter, coarse_scale, coarsest_sweeps,
+                                    need, sweeps, shapes, diags, es, rs, vecs)
     return iters
