@@ -112,6 +112,18 @@ def _coarsen(removed, h, w, need):
 def _gs(e, r, idx, dinv, wp, forward):
     """One Gauss-Seidel sweep over the unknowns ``idx`` for all channels of ``e``/``r`` ``(pixels, C)``."""
     n, C = idx.size, e.shape[1]
+    if C == 3:  # RGB written out: the three channels' updates are independent and overlap
+        for s in range(n):
+            t = s if forward else n - 1 - s
+            k = idx[t]
+            dv = dinv[t]
+            e0 = (r[k, 0] + _nsum_c(e, k, 0, wp)) * dv
+            e1 = (r[k, 1] + _nsum_c(e, k, 1, wp)) * dv
+            e2 = (r[k, 2] + _nsum_c(e, k, 2, wp)) * dv
+            e[k, 0] = e0
+            e[k, 1] = e1
+            e[k, 2] = e2
+        return
     for s in range(n):
         t = s if forward else n - 1 - s
         k = idx[t]
