@@ -14,24 +14,34 @@ Each removed pixel takes the weighted mean of its in-image 8 neighbours (weight 
 For the removed pixels ``R`` the system is ``(D - W_RR) x = W_RV v`` with ``D`` the sum of
 in-image weights. The weights are symmetric, every row is weakly diagonally dominant and
 every connected hole touches a visible pixel (unless nothing is visible), so the matrix is
-symmetric positive definite: we solve it with conjugate gradients, applying the operator as a
-separable 3x3 stencil over the batch. The preconditioner (``preconditioner=``) is a geometric
-multigrid V-cycle (default; :func:`_vcycle`): CG then needs ~10-30 iterations whatever the size
-of the holes, against hundreds with the first version's Jacobi preconditioner
-(``"jacobi"``, started from a coarse-to-fine guess), whose iteration count grows with the width
-of the largest hole.
+symmetric positive definite: we solve it with conjugate gradients preconditioned by a
+geometric multigrid V-cycle. Two implementations, chosen by ``solver=``:
 
-Stopping rule (the stated tolerance): every image and channel stops when its scaled
-residual ``max_i |r_i| / D_i`` — how far any removed pixel is from the weighted mean of its
-neighbours — is at most ``tol``. With ``tol=2e-6`` (default) the result matched ROAD's own
-imputer (noise 0) to at most 3.4e-4 max abs error at 224² with the Jacobi solver (random
-patches 4e-5, blobs 6e-5, two rectangles covering ~40%: 3.4e-4) and 1.7e-5 / 1.7e-5 / 3.3e-5 with
-multigrid (benchmarks/attribution.py); the tests check both against a direct sparse solve.
-Speed on a CPU (2 shared cores, 2026-12-01, batch 16 at 224², side by side in one run): multigrid
-runs at 0.9x / 0.4x / 0.3x ROAD's speed per image on patches / blobs / rectangles (Jacobi: 1.1x / 0.2x /
-0.1x; multigrid 1.5x faster than Jacobi on blobs, 2.2x on rectangles) — i.e. still *not*
-faster than ROAD's direct solve on this CPU; the 50x goal is not met. The batched solver is meant
-for a GPU, where it has not been measured (no GPU was available).
+- ``auto`` on CPU tensors: the compiled solver of :mod:`masktrain.noisy_linear_kernels`
+  (numba) — the removed pixels only, all channels with one hierarchy, Gauss-Seidel smoothing;
+  6-8 CG iterations at 224² on patches, blobs and rectangles. Images run in parallel over
+  ``torch.get_num_threads()`` threads.
+- ``torch`` (and ``auto`` on any other device, e.g. CUDA): the batched tensor solver below,
+  the operator applied as a separable 3x3 stencil over the whole batch. Its preconditioner
+  (``preconditioner=``) is a multigrid V-cycle with damped-Jacobi smoothing (default;
+  :func:`_vcycle`; ~10-30 iterations whatever the size of the holes) or Jacobi
+  (``"jacobi"``, started from a coarse-to-fine guess; hundreds of iterations for wide holes).
+
+Stopping rule (the stated tolerance, the same for both): every image and channel stops when
+its scaled residual ``max_i |r_i| / D_i`` — how far any removed pixel is from the weighted mean
+of its neighbours — is at most ``tol``. With ``tol=2e-6`` (default) the result matched ROAD's
+own imputer (noise 0) at 224² to at most 2.6e-5 (compiled) and 4.3e-5 (torch multigrid) max abs
+error on random patches, blobs and two rectangles covering ~40% (benchmarks/attribution.py);
+the error grows about 10-25x ``tol`` (``tol=1e-5``: 1.4e-4, one CG iteration fewer), so the
+default keeps a wide margin under the 1e-3 goal. The tests check both solvers against a direct
+sparse solve.
+
+Speed on a CPU (AMD EPYC, 2 cores, AVX-512, heavily shared: load average ~10, 2026-12-02;
+batch 16 at 224², ROAD timed per image as its users call it, side by side in one run; see
+README "Attribution under masking"): the compiled solver is 13-17x faster per image than ROAD
+at 1 thread and 15-28x at 2 threads (ROAD spends most of its time building its sparse system),
+the torch solver 2-3x at 1 thread and 0.5-0.9x at 2 threads. The 50x goal is not met on this
+machine. The torch solver is meant for a GPU, where it has not been measured (no GPU was available).
 
 Two deliberate differences from ROAD, both outside its defined cases: an image with no
 visible pixel (ROAD's matrix is singular there) gets the fallback colour, and with
