@@ -14,24 +14,34 @@ Each removed pixel takes the weighted mean of its in-image 8 neighbours (weight 
 For the removed pixels ``R`` the system is ``(D - W_RR) x = W_RV v`` with ``D`` the sum of
 in-image weights. The weights are symmetric, every row is weakly diagonally dominant and
 every connected hole touches a visible pixel (unless nothing is visible), so the matrix is
-symmetric positive definite: we solve it with conjugate gradients, applying the operator as a
-separable 3x3 stencil over the batch. The preconditioner (``preconditioner=``) is a geometric
-multigrid V-cycle (default; :func:`_vcycle`): CG then needs ~10-30 iterations whatever the size
-of the holes, against hundreds with the first version's Jacobi preconditioner
-(``"jacobi"``, started from a coarse-to-fine guess), whose iteration count grows with the width
-of the largest hole.
+symmetric positive definite: we solve it with conjugate gradients preconditioned by a
+geometric multigrid V-cycle. Two implementations, chosen by ``solver=``:
 
-Stopping rule (the stated tolerance): every image and channel stops when its scaled
-residual ``max_i |r_i| / D_i`` — how far any removed pixel is from the weighted mean of its
-neighbours — is at most ``tol``. With ``tol=2e-6`` (default) the result matched ROAD's own
-imputer (noise 0) to at most 3.4e-4 max abs error at 224² with the Jacobi solver (random
-patches 4e-5, blobs 6e-5, two rectangles covering ~40%: 3.4e-4) and 1.7e-5 / 1.7e-5 / 3.3e-5 with
-multigrid (benchmarks/attribution.py); the tests check both against a direct sparse solve.
-Speed on a CPU (2 shared cores, 2026-12-01, batch 16 at 224², side by side in one run): multigrid
-runs at 0.9x / 0.4x / 0.3x ROAD's speed per image on patches / blobs / rectangles (Jacobi: 1.1x / 0.2x /
-0.1x; multigrid 1.5x faster than Jacobi on blobs, 2.2x on rectangles) — i.e. still *not*
-faster than ROAD's direct solve on this CPU; the 50x goal is not met. The batched solver is meant
-for a GPU, where it has not been measured (no GPU was available).
+- ``auto`` on CPU tensors: the compiled solver of :mod:`masktrain.noisy_linear_kernels`
+  (numba) — the removed pixels only, all channels with one hierarchy, Gauss-Seidel smoothing;
+  6-8 CG iterations at 224² on patches, blobs and rectangles. Images run in parallel over
+  ``torch.get_num_threads()`` threads.
+- ``torch`` (and ``auto`` on any other device, e.g. CUDA): the batched tensor solver below,
+  the operator applied as a separable 3x3 stencil over the whole batch. Its preconditioner
+  (``preconditioner=``) is a multigrid V-cycle with damped-Jacobi smoothing (default;
+  :func:`_vcycle`; ~10-30 iterations whatever the size of the holes) or Jacobi
+  (``"jacobi"``, started from a coarse-to-fine guess; hundreds of iterations for wide holes).
+
+Stopping rule (the stated tolerance, the same for both): every image and channel stops when
+its scaled residual ``max_i |r_i| / D_i`` — how far any removed pixel is from the weighted mean
+of its neighbours — is at most ``tol``. With ``tol=2e-6`` (default) the result matched ROAD's
+own imputer (noise 0) at 224² to at most 2.6e-5 (compiled) and 4.3e-5 (torch multigrid) max abs
+error on random patches, blobs and two rectangles covering ~40% (benchmarks/attribution.py);
+the error grows about 10-25x ``tol`` (``tol=1e-5``: 1.4e-4, one CG iteration fewer), so the
+default keeps a wide margin under the 1e-3 goal. The tests check both solvers against a direct
+sparse solve.
+
+Speed on a CPU (AMD EPYC, 2 cores, AVX-512, heavily shared: load average ~10, 2026-12-02;
+batch 16 at 224², ROAD timed per image as its users call it, side by side in one run; see
+README "Attribution under masking"): the compiled solver is 13-17x faster per image than ROAD
+at 1 thread and 15-28x at 2 threads (ROAD spends most of its time building its sparse system),
+the torch solver 2-3x at 1 thread and 0.5-0.9x at 2 threads. The 50x goal is not met on this
+machine. The torch solver is meant for a GPU, where it has not been measured (no GPU was available).
 
 Two deliberate differences from ROAD, both outside its defined cases: an image with no
 visible pixel (ROAD's matrix is singular there) gets the fallback colour, and with
@@ -41,6 +51,8 @@ combination of visible pixels and clamping changes nothing).
 """
 from __future__ import annotations
 
+import warnings
+from types import ModuleType
 from typing import Optional, Sequence
 
 import torch
@@ -48,6 +60,57 @@ import torch.nn.functional as F
 from torch import Tensor
 
 DIRECT, DIAGONAL = 1.0 / 6.0, 1.0 / 12.0
+SOLVERS = ("auto", "torch")
+
+_KERNELS: Optional[ModuleType] = None  # masktrain.noisy_linear_kernels once imported
+_KERNELS_FAILED = False
+
+
+def _kernels() -> Optional[ModuleType]:
+    """The numba solver, imported once per process (compiled code is cached on disk); None if unavailable."""
+    global _KERNELS, _KERNELS_FAILED
+    if _KERNELS is None and not _KERNELS_FAILED:
+        try:
+            from masktrain import noisy_linear_kernels
+
+            _KERNELS = noisy_linear_kernels
+        except Exception as exc:  # noqa: BLE001 - any import problem means: use the torch solver
+            _disable_kernels(exc)
+    return _KERNELS
+
+
+def _disable_kernels(exc: Exception) -> None:
+    global _KERNELS, _KERNELS_FAILED
+    _KERNELS, _KERNELS_FAILED = None, True
+    warnings.warn(f"masktrain.noisy_linear: compiled solver unavailable ({exc}); using the torch solver",
+                  RuntimeWarning, stacklevel=4)
+
+
+def _solve_compiled(values: Tensor, keep: Tensor, tol: float, max_iter: int, min_side: int) -> Optional[Tensor]:
+    """The CPU fast path (:mod:`masktrain.noisy_linear_kernels`): ``values`` ``(n, C, H, W)`` float32/64
+    (zero at removed pixels), ``keep`` ``(n, 1, H, W)``, every image with a visible pixel.
+    None when the compiled solver is unavailable."""
+    kernels = _kernels()
+    if kernels is None:
+        return None
+    import numba
+
+    values = values.contiguous()
+    removed = (keep[:, 0] < 0.5).to(torch.uint8).contiguous()
+    out = torch.empty_like(values)
+    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    previous = numba.get_num_threads()
+    numba.set_num_threads(threads)  # follow torch's thread setting, as the torch solver would
+    try:
+        kernels.solve_batch(values.numpy(), removed.numpy(), out.numpy(), float(tol), int(max_iter),
+                            max(2, min_side // 2), kernels.COARSE_SCALE, kernels.COARSEST_SWEEPS,
+                            kernels.COARSE_NEED, kernels.SWEEPS, threads)
+    except kernels.NumbaError as exc:  # numba compiles on first call; nothing was returned yet
+        _disable_kernels(exc)
+        return None
+    finally:
+        numba.set_num_threads(previous)
+    return out
 
 
 def _neighbour_sum(x: Tensor) -> Tensor:
@@ -184,6 +247,7 @@ def noisy_linear(
     check_every: int = 8,
     min_side: int = 8,
     preconditioner: str = "multigrid",
+    solver: str = "auto",
 ) -> Tensor:
     """ROAD's noisy linear imputation of the removed pixels of a batch.
 
@@ -200,11 +264,18 @@ def noisy_linear(
         clamp: clip the result to [0, 1] (only matters with noise).
         preconditioner: ``multigrid`` (a V-cycle per CG step: ~10-30 iterations whatever the
             hole size) or ``jacobi`` (the first version: hundreds of iterations for wide holes,
-            started from a coarse-to-fine guess).
+            started from a coarse-to-fine guess); the torch solver only.
+        solver: ``auto`` (the compiled solver of :mod:`masktrain.noisy_linear_kernels` for CPU
+            tensors without grad when numba works, else the batched torch solver) or ``torch``
+            (the batched torch solver on any device). Both stop at the same ``tol``.
 
     Returns:
         ``(B, C, H, W)``: ``images`` at visible pixels, the imputation at removed ones.
     """
+    if solver not in SOLVERS:
+        from masktrain.errors import UserError
+
+        raise UserError(f"noisy_linear solver={solver!r} is not one of {', '.join(SOLVERS)}; use solver=auto")
     B, C, H, W = images.shape
     work = images.dtype if images.dtype in (torch.float32, torch.float64) else torch.float32
     keep = (keep > 0.5).to(work)
@@ -216,9 +287,14 @@ def noisy_linear(
     if bool(has_any.any()):
         idx = has_any.nonzero().flatten()
         n = idx.numel()
-        solved = _solve(values[idx].reshape(n * C, 1, H, W), flat_keep.view(B, C, H, W)[idx].reshape(n * C, 1, H, W),
-                        tol, max_iter, check_every, min_side, preconditioner)
-        out[idx] = solved.view(n, C, H, W)
+        solved = None
+        if solver == "auto" and images.device.type == "cpu" and not values.requires_grad:
+            every = n == B  # the usual case: no copy of the batch
+            solved = _solve_compiled(values if every else values[idx], keep if every else keep[idx], tol, max_iter, min_side)
+        if solved is None:
+            solved = _solve(values[idx].reshape(n * C, 1, H, W), flat_keep.view(B, C, H, W)[idx].reshape(n * C, 1, H, W),
+                            tol, max_iter, check_every, min_side, preconditioner).view(n, C, H, W)
+        out[idx] = solved
     if not bool(has_any.all()):
         colour = torch.as_tensor(fallback, device=images.device, dtype=work).view(1, -1, 1, 1)
         out[~has_any] = colour.expand(int((~has_any).sum()), C, H, W)

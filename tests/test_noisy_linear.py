@@ -149,3 +149,90 @@ def test_both_preconditioners_agree_with_a_direct_solve(kind):
         for i in range(2):
             ref = direct_solve(images[i].double().numpy(), keep[i, 0].numpy())
             assert np.abs(out[i].double().numpy() - ref).max() < 1e-4, (kind, pc)
+
+
+# --- the compiled CPU solver (solver="auto" on CPU) against the batched torch solver and the direct solve ---
+
+SOLVER_KINDS = ["patches", "rectangles", "blob", "border"]
+
+
+@pytest.mark.parametrize("kind", SOLVER_KINDS)
+def test_compiled_and_torch_solvers_agree(kind):
+    pytest.importorskip("numba")
+    g = step_generator(9, 0, 0)
+    images = torch.rand(3, 3, 56, 48, generator=g)  # not square: rows and columns are not mixed up
+    keep = torch.nn.functional.interpolate(_masks(kind, 3, 56, g), size=(56, 48), mode="nearest")
+    fast = noisy_linear(images, keep, noise_std=0.0)
+    slow = noisy_linear(images, keep, noise_std=0.0, solver="torch")
+    assert (fast - slow).abs().max() <= 1e-4, kind
+    for i in range(3):
+        ref = direct_solve(images[i].double().numpy(), keep[i, 0].numpy())
+        assert np.abs(fast[i].double().numpy() - ref).max() < 1e-4, kind
+
+
+@pytest.mark.parametrize("solver", ["auto", "torch"])
+@pytest.mark.parametrize("shape", [(1, 9), (7, 1), (2, 2), (3, 5), (17, 33)])
+def test_small_and_thin_images_match_a_direct_solve(solver, shape):
+    g = step_generator(10, 0, 0)
+    images = torch.rand(2, 3, *shape, generator=g, dtype=torch.float64)
+    keep = (torch.rand(2, 1, *shape, generator=g) > 0.6).double()
+    keep[:, :, 0, 0] = 1  # at least one visible pixel
+    out = noisy_linear(images, keep, noise_std=0.0, solver=solver)
+    assert out.dtype == torch.float64
+    for i in range(2):
+        ref = direct_solve(images[i].numpy(), keep[i, 0].numpy())
+        assert np.abs(out[i].numpy() - ref).max() < 1e-5, (solver, shape)
+
+
+@pytest.mark.parametrize("solver", ["auto", "torch"])
+def test_no_hole_returns_the_images_and_a_single_pixel_hole_is_its_neighbours_mean(solver):
+    g = step_generator(11, 0, 0)
+    images = torch.rand(2, 3, 12, 12, generator=g)
+    keep = torch.ones(2, 1, 12, 12)
+    keep[1, 0, 5, 7] = 0
+    out = noisy_linear(images, keep, noise_std=0.0, solver=solver)
+    assert torch.equal(out[0], images[0])
+    patch = images[1, :, 4:7, 6:9]
+    weights = torch.tensor([[1, 2, 1], [2, 0, 2], [1, 2, 1]], dtype=images.dtype) / 12
+    assert torch.allclose(out[1, :, 5, 7], (patch * weights).sum((1, 2)), atol=1e-6)
+    assert torch.equal(out[1][keep[1].bool().expand(3, 12, 12)], images[1][keep[1].bool().expand(3, 12, 12)])
+
+
+@pytest.mark.parametrize("solver", ["auto", "torch"])
+def test_a_fully_removed_image_among_others_falls_back_and_the_rest_is_solved(solver):
+    g = step_generator(12, 0, 0)
+    images = torch.rand(3, 3, 24, 24, generator=g)
+    keep = _masks("rectangles", 3, 24, g)
+    keep[1] = 0
+    out = noisy_linear(images, keep, noise_std=0.0, fallback=(0.1, 0.2, 0.3), solver=solver)
+    assert torch.allclose(out[1], torch.tensor([0.1, 0.2, 0.3]).view(3, 1, 1).expand(3, 24, 24))
+    for i in (0, 2):
+        ref = direct_solve(images[i].double().numpy(), keep[i, 0].numpy())
+        assert np.abs(out[i].double().numpy() - ref).max() < 1e-4
+
+
+def test_a_hole_along_the_whole_border_matches_a_direct_solve():
+    g = step_generator(13, 0, 0)
+    images = torch.rand(2, 3, 30, 30, generator=g)
+    keep = torch.zeros(2, 1, 30, 30)
+    keep[0, :, 12, 12] = 1  # one visible pixel in the middle: the whole image is one hole
+    keep[1, :, 1:-1, 1:-1] = 1  # a one-pixel frame, corners included
+    out = noisy_linear(images, keep, noise_std=0.0)
+    for i in range(2):
+        ref = direct_solve(images[i].double().numpy(), keep[i, 0].numpy())
+        assert np.abs(out[i].double().numpy() - ref).max() < 1e-4
+
+
+def test_inputs_that_need_grad_use_the_torch_solver():
+    images = torch.rand(1, 3, 16, 16, requires_grad=True)
+    keep = torch.ones(1, 1, 16, 16)
+    keep[..., 4:10, 4:10] = 0
+    out = noisy_linear(images, keep, noise_std=0.0)
+    assert torch.allclose(out.detach(), noisy_linear(images.detach(), keep, noise_std=0.0), atol=1e-4)
+
+
+def test_unknown_solver_is_a_user_error():
+    from masktrain.errors import UserError
+
+    with pytest.raises(UserError, match="solver"):
+        noisy_linear(torch.rand(1, 3, 8, 8), torch.ones(1, 1, 8, 8), solver="spsolve")
