@@ -83,7 +83,7 @@ class CuesDataset(torch.utils.data.Dataset):
     Args:
         split: ``train``, ``val`` or ``test`` (disjoint random streams).
         variant: ``clean`` or one of :data:`CUE_SPLITS` (cue analysis; any split, usually test).
-        num_classes: K, 5 ≤ K ≤ len(OUTLINES) (below 5 an outline's and a texture's class pairs always overlap, so no clean cue conflict exists); class k is named after its first outline.
+        num_classes: K, 5 ≤ K ≤ len(OUTLINES) (below 5 an outline's and a texture's class pairs always overlap, so no clean cue conflict exists); class k is named after its two outlines, ``"<outline k>/<outline k+1>"`` (e.g. ``cross/crescent``), so a figure's label matches either shape drawn.
         radius: object radius range as a fraction of the side.
         min_contrast: minimum RGB distance between the object's mean colour and the background under it.
         texture_contrast: minimum RGB distance between the grating's two colours.
@@ -120,7 +120,7 @@ class CuesDataset(torch.utils.data.Dataset):
         self.texture_contrast, self.periods = float(texture_contrast), (float(periods[0]), float(periods[1]))
         self.background_cells, self.epoch = int(background_cells), int(epoch)
         self.outlines = OUTLINES[: self.num_classes]
-        self.classes = list(self.outlines)
+        self.classes = [f"{self.outlines[k]}/{self.outlines[(k + 1) % self.num_classes]}" for k in range(self.num_classes)]
         self._outline_of, self._texture_of = class_cues(self.num_classes)
         self._outline_classes = classes_with_outline(self.num_classes)
         self._texture_classes = classes_with_texture(self.num_classes)
