@@ -120,15 +120,16 @@ def test_markdown_says_raised_or_lowered_only_when_q_is_small(study):
     md = render_markdown({**study, "timing": {"total_s": 1.0}, "hardware": "test"})
     rows = [line for line in md.splitlines() if line.startswith("| ") and " − " in line.split("|")[1] and "reference" not in line]
     assert len(rows) == 5, md  # mask_aug and silhouette_aug against both references, continued_training − baseline
-    words = 0
     for row in rows:
         for cell in row.split("|")[2:-1]:
+            q = float(cell.split("q=")[1].split()[0])
             if RAISED in cell or LOWERED in cell:
-                words += 1
-                assert float(cell.split("q=")[1].split()[0]) < 0.05, cell
+                assert q < 0.05, cell
             else:
                 assert NO_CHANGE in cell, cell
-    assert words == 4  # mask_aug/black and silhouette_aug/grey, each against both references
+    by_row = {row.split("|")[1].strip(): row.split("|")[2:-1] for row in rows}
+    for ref in ("baseline", "continued_training"):  # the planted effects: black raised, grey lowered
+        assert f"**{RAISED}**" in by_row[f"mask_aug − {ref}"][0] and f"**{LOWERED}**" in by_row[f"silhouette_aug − {ref}"][1]
     assert "## Between-regime comparisons" in md and "[95% interval: two-level bootstrap" in md
 
 
@@ -241,3 +242,22 @@ def test_run_study_with_planted_checkpoints(tmp_path, monkeypatch):
     assert saved["comparison_tests"]["tests"] == 3 * 2 and study["timing"]["intervals_and_comparisons_s"] >= 0
     assert (root / "reports" / "mask_aug_seed1" / "outcomes.npz").is_file()
     assert "### shape_only" in (root / "study.md").read_text()
+
+
+def test_continued_training_recipe_is_the_baseline_fine_tuned_without_masks(tmp_path):
+    from omegaconf import OmegaConf
+
+    from masktrain.cli import compose
+    from masktrain.training import resolve_init
+
+    cfg, aug, base = (compose("train", [f"recipe={r}"]) for r in ("continued_training", "mask_aug", "baseline"))
+    assert cfg.name == "continued_training" and cfg.mask.kind is None and cfg.mask.p == 0.0
+    assert OmegaConf.to_container(cfg.mask) == OmegaConf.to_container(base.mask)
+    assert cfg.finetune.from_recipe == "baseline" == aug.finetune.from_recipe
+    assert (cfg.finetune.max_epochs, cfg.finetune.lr) == (aug.finetune.max_epochs, aug.finetune.lr) == (3, 1e-3)
+    ckpt = tmp_path / "baseline" / "seed2" / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"")
+    (ckpt.parents[1] / "metrics.json").write_text("{}")
+    tuned = compose("train", ["recipe=continued_training", "seed=2", f"finetune.from_sweep={tmp_path}"])
+    assert resolve_init(tuned, tmp_path / "continued_training" / "seed2") == str(ckpt)
