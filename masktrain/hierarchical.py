@@ -20,9 +20,10 @@ does not use) are dropped, and a pair is dropped when either side is non-finite.
 
 Speed: outcomes take few distinct values (0/1 accuracies, −2…2 paired differences), and then a
 resample's mean depends only on how many draws hit each value — a multinomial count — and a
-sign-flipped sum only on how many of each |d| level flip — a binomial count. Both are drawn
-directly (exactly the same distributions as resampling/flipping every image), so the cost does not
-grow with the number of images; many-valued outcomes fall back to index and sign matrices.
+sign-flipped sum only on how many of each |d| level flip — a fair-coin count, the set bits among
+raw random bits. Both are drawn directly (exactly the same distributions as resampling / flipping
+every image), so the cost hardly grows with the number of images; many-valued outcomes fall back
+to index and sign matrices.
 """
 from __future__ import annotations
 
@@ -30,8 +31,11 @@ from typing import Sequence
 
 import numpy as np
 
-#: Outcomes with at most this many distinct values use the count form (multinomial / binomial draws).
-MAX_LEVELS = 64
+#: Outcomes with at most this many distinct values are resampled in the count form (multinomial draws; each cell
+#: costs one vectorised binomial, so beyond ~16 cells an index matrix is cheaper at n ≈ 500).
+MAX_LEVELS = 16
+#: Differences with at most this many distinct nonzero sizes are sign-flipped in the count form (fair-coin counts).
+MAX_FLIP_LEVELS = 64
 _CHUNK = 1_000_000  # elements per index/sign matrix chunk in the many-valued fallback
 
 
@@ -42,12 +46,28 @@ def finite(values: Sequence[np.ndarray]) -> list[np.ndarray]:
     return [v for v in out if v.size]
 
 
+def multinomial_counts(n: int, probs: np.ndarray, size: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    """``(*size, L)`` multinomial counts of ``n`` draws over ``L`` cells: one vectorised binomial per cell
+    (the count of cell l given the draws left for cells l.. is Binomial(left, p_l / Σ_{j≥l} p_j)), which is far
+    faster than ``Generator.multinomial`` for many draws."""
+    probs = np.asarray(probs, dtype=np.float64)
+    out = np.empty(size + (probs.size,), dtype=np.int64)
+    remaining = np.full(size, n, dtype=np.int64)
+    tail = probs[::-1].cumsum()[::-1]  # Σ_{j≥l} p_j
+    for cell in range(probs.size - 1):
+        p = min(1.0, probs[cell] / tail[cell]) if tail[cell] > 0 else 0.0
+        out[..., cell] = rng.binomial(remaining, p)
+        remaining = remaining - out[..., cell]
+    out[..., -1] = remaining
+    return out
+
+
 def resample_means(x: np.ndarray, size: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
     """Means of ``prod(size)`` ordinary bootstrap resamples of ``x`` ``(n,)`` (n draws with replacement), shape ``size``."""
     n = x.size
     levels, counts = np.unique(x, return_counts=True)
     if levels.size <= MAX_LEVELS:
-        draws = rng.multinomial(n, counts / n, size=size)  # (*size, L): how many of the n draws hit each value
+        draws = multinomial_counts(n, counts / n, size, rng)  # (*size, L): how many of the n draws hit each value
         return draws @ levels / n
     total = int(np.prod(size))
     out = np.empty(total)
@@ -69,10 +89,13 @@ def two_level_bootstrap(per_seed: Sequence[np.ndarray], n_boot: int = 2000, seed
         return {"value": None, "ci95": None, "n_seeds": 0, "n_images": 0, "n_boot": int(n_boot)}
     rng = np.random.default_rng(seed)
     s = len(xs)
-    # means[j, b, t]: the t-th slot of draw b filled by seed j, its images resampled afresh for every slot.
-    means = np.stack([resample_means(x, (n_boot, s), rng) for x in xs])
+    # Draw b fills its s slots with seeds pick[b] (with replacement); every slot resamples its seed's images afresh.
     pick = rng.integers(0, s, size=(n_boot, s))
-    boot = means[pick, np.arange(n_boot)[:, None], np.arange(s)[None, :]].mean(axis=1)
+    slots = np.empty((n_boot, s))
+    for j, x in enumerate(xs):
+        where = pick == j
+        slots[where] = resample_means(x, (int(where.sum()),), rng)
+    boot = slots.mean(axis=1)
     a = (1 - level) / 2
     lo, hi = np.quantile(boot, [a, 1 - a])
     return {"value": float(np.mean([x.mean() for x in xs])), "ci95": [float(lo), float(hi)], "n_seeds": s,
@@ -92,6 +115,22 @@ def paired_differences(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> list
     return out
 
 
+def _popcount(words: np.ndarray) -> np.ndarray:
+    """Set bits per element of a uint64 array (same shape)."""
+    if hasattr(np, "bitwise_count"):  # numpy >= 2.0
+        return np.bitwise_count(words)
+    return np.unpackbits(words.view(np.uint8).reshape(*words.shape, 8), axis=-1).sum(axis=-1)
+
+
+def fair_coin_counts(c: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """``(size,)`` draws of Binomial(c, 1/2): the number of set bits among ``c`` raw random bits (64 per word)."""
+    words = -(-c // 64)
+    raw = rng.bit_generator.random_raw((size, words)).astype(np.uint64)
+    if c % 64:
+        raw[:, -1] &= np.uint64((1 << (c % 64)) - 1)
+    return _popcount(raw).sum(axis=1, dtype=np.int64)
+
+
 def sign_flip_null(diffs: Sequence[np.ndarray], n_permutations: int, rng: np.random.Generator) -> np.ndarray:
     """``(P,)`` draws of the statistic (mean over seeds of the per-seed mean difference) under random sign flips."""
     s = len(diffs)
@@ -99,15 +138,15 @@ def sign_flip_null(diffs: Sequence[np.ndarray], n_permutations: int, rng: np.ran
     for d in diffs:
         n = d.size
         mags, counts = np.unique(np.abs(d[d != 0]), return_counts=True)
-        if mags.size <= MAX_LEVELS:
+        if mags.size <= MAX_FLIP_LEVELS:
+            # c differences of size v: their flipped sum is v·(2·#positive − c), #positive ~ Binomial(c, 1/2).
             for v, c in zip(mags, counts):
-                # c differences of size v: their flipped sum is v·(2·#positive − c), #positive ~ Binomial(c, 1/2).
-                null += v * (2.0 * rng.binomial(int(c), 0.5, size=n_permutations) - c) / (n * s)
+                null += v * (2.0 * fair_coin_counts(int(c), n_permutations, rng) - c) / (n * s)
             continue
         step = max(1, _CHUNK // n)
         for start in range(0, n_permutations, step):
             stop = min(n_permutations, start + step)
-            signs = rng.integers(0, 2, size=(stop - start, n), dtype=np.int8) * 2 - 1
+            signs = rng.integers(0, 2, size=(stop - start, n), dtype=np.int8).astype(np.float64) * 2 - 1
             null[start:stop] += signs @ d / (n * s)
     return null
 

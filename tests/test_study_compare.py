@@ -152,7 +152,7 @@ def test_sign_flip_counts_match_flipping_every_image(monkeypatch):
     rng = np.random.default_rng(3)
     diffs = [rng.choice([-2, -1, 0, 0, 1, 1, 2], size=300).astype(float) for _ in range(3)]
     counted = hierarchical.sign_flip_null(diffs, 20000, np.random.default_rng(0))
-    monkeypatch.setattr(hierarchical, "MAX_LEVELS", 0)
+    monkeypatch.setattr(hierarchical, "MAX_FLIP_LEVELS", 0)
     flipped = hierarchical.sign_flip_null(diffs, 20000, np.random.default_rng(1))
     q = [0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99]
     assert np.allclose(np.quantile(counted, q), np.quantile(flipped, q), atol=0.004)
@@ -261,3 +261,26 @@ def test_continued_training_recipe_is_the_baseline_fine_tuned_without_masks(tmp_
     (ckpt.parents[1] / "metrics.json").write_text("{}")
     tuned = compose("train", ["recipe=continued_training", "seed=2", f"finetune.from_sweep={tmp_path}"])
     assert resolve_init(tuned, tmp_path / "continued_training" / "seed2") == str(ckpt)
+
+
+def _assert_outcomes_average_to_headlines(report):
+    for probe, by_key in report["outcomes"].items():
+        for key, values in by_key.items():
+            value = report["probes"][probe][key]["value"]
+            assert np.nanmean(values) == pytest.approx(value, abs=1e-9), (probe, key)
+
+
+def test_backgrounds_and_attribution_outcomes_average_to_their_headlines():
+    import test_attribution as ta
+    import test_backgrounds_probe as tb
+
+    report = tb._run(tb.BackgroundReader())
+    assert any(k.startswith("bg_gap/") for k in report["outcomes"]["backgrounds"])
+    _assert_outcomes_average_to_headlines(report)
+    opts = {"attribution": {"methods": ["occlusion"], "n_images": 3, "patch": 8, "stride": 8, "fractions": [0.0, 0.5, 1.0],
+                            "eval_method": "grey", "n_examples": 1}}
+    report = evaluate(ta.planted(), ta._PlantedSet(5), ["attribution"], ["grey"], num_classes=2, mean=(0.5, 0.5, 0.5),
+                      n_boot=20, options=opts, device="cpu")
+    values = report["outcomes"]["attribution"]["occlusion/grey"]
+    assert np.isfinite(values).sum() == 3  # only the explained images
+    _assert_outcomes_average_to_headlines(report)
