@@ -284,3 +284,17 @@ def test_backgrounds_and_attribution_outcomes_average_to_their_headlines():
     values = report["outcomes"]["attribution"]["occlusion/grey"]
     assert np.isfinite(values).sum() == 3  # only the explained images
     _assert_outcomes_average_to_headlines(report)
+
+
+@pytest.mark.slow
+def test_comparisons_go_to_wandb(study, tmp_path):
+    """``evaluate.py study=... logger=wandb``: the comparisons are a W&B table beside the study table."""
+    from masktrain.tracking import comparison_rows, log_study_wandb
+
+    rows = comparison_rows(study)
+    assert len(rows) == study["comparison_tests"]["tests"] and {r[9] for r in rows} >= {RAISED, LOWERED, NO_CHANGE}
+    log_study_wandb(study, tmp_path)
+    (run,) = (tmp_path / "wandb").glob("offline-run-*")
+    (table,) = (run / "files" / "media" / "table" / "study").glob("comparisons_*.table.json")
+    saved = json.loads(table.read_text())
+    assert saved["columns"][:2] == ["regime", "reference"] and len(saved["data"]) == len(rows)
