@@ -163,7 +163,8 @@ def render_comparisons(study: dict, probes: list) -> list[str]:
     lines = ["## Between-regime comparisons", "",
              f"Difference of the headline (regime − reference; points when in %) [95% interval: {m.get('interval', '')}], "
              f"q = Benjamini–Hochberg over {m.get('tests', 0)} tests ({m.get('test', '')}). "
-             f"The verdict word: {m.get('rule', '')}.", ""]
+             f"A change is named (in bold) only when q < {m.get('alpha', 0.05)} and the interval excludes 0 on its side; "
+             f"otherwise the cell says {NO_CHANGE!r}.", ""]
     for probe in probes:
         rows = [(regime, ref) for regime, by_ref in comparisons.items() for ref, by_probe in by_ref.items() if probe.name in by_probe]
         if not rows:

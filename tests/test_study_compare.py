@@ -127,6 +127,8 @@ def test_markdown_says_raised_or_lowered_only_when_q_is_small(study):
                 assert q < 0.05, cell
             else:
                 assert NO_CHANGE in cell, cell
+    prose = [line for line in md.splitlines() if line not in rows]
+    assert not [line for line in prose if RAISED in line or LOWERED in line]  # the words appear only in judged cells
     by_row = {row.split("|")[1].strip(): row.split("|")[2:-1] for row in rows}
     for ref in ("baseline", "continued_training"):  # the planted effects: black raised, grey lowered
         assert f"**{RAISED}**" in by_row[f"mask_aug − {ref}"][0] and f"**{LOWERED}**" in by_row[f"silhouette_aug − {ref}"][1]

@@ -3,7 +3,8 @@
 A probe is one file: a :class:`Probe` subclass registered with :func:`register_probe`. It
 owns its options (a dataclass ``Options`` with the defaults), its requirements
 (``needs_object_masks``, ``needs_train_split``; shared inputs through ``ctx.shared``), its
-numbers (``collect`` / ``summarise``) and how they are shown: ``headline`` wording, its rows
+numbers (``collect`` / ``summarise``; ``outcomes``: the headline per test image, for a study's intervals and
+between-regime tests) and how they are shown: ``headline`` wording, its rows
 in report.md (``report_rows``), its plots (``plots``), its W&B media, and its cells, tables
 and panels in a study (``study_cell``, ``study_markdown``, ``study_panels``). The
 evaluation, report and study code only iterate over probe objects. See docs/probes.md,
