@@ -192,6 +192,7 @@ def evaluate(
     for probe in probe_objs:
         probe.prepare(ctx, keys[probe.name])  # declare shared inputs before any probe computes them
     report_probes: dict[str, dict] = {}
+    outcomes: dict[str, dict[str, np.ndarray]] = {}
     timings: dict[str, float] = {}
     for probe in probe_objs:
         report_probes[probe.name] = {}
@@ -203,6 +204,9 @@ def evaluate(
             entry["correct"] = probe.summarise(ctx, key, records, subsets["correct"], "correct")
             entry["key_kind"] = probe.key_kind
             report_probes[probe.name][key] = entry
+            per_image = probe.outcomes(ctx, key, records, subsets["all"])
+            if per_image is not None:
+                outcomes.setdefault(probe.name, {})[key] = np.asarray(per_image, dtype=np.float64).reshape(n)
             timings[f"{probe.name}/{key}"] = round(time.perf_counter() - t0, 3)
             log(f"  {probe.name:18s} {key:14s} value={_fmt(entry.get('value'))} ci95={_fmt_ci(entry.get('ci95'))} ({timings[f'{probe.name}/{key}']:.1f}s)")
 
@@ -217,14 +221,29 @@ def evaluate(
                   "parameters": int(sum(p.numel() for p in model.parameters()))},
         "dataset": {"name": ds_name, "split": split, "n": n, "size": n, "total": total, "num_classes": k, "classes": names,
                     "image_size": list(images.shape[-2:]), "mean": list(ctx.mean), "object_masks": objects is not None,
+                    "fingerprint": fingerprint(images, labels),
                     "clean_accuracy": clean["all"], "correct_subset_n": int(subsets["correct"].sum())},
         "clean_accuracy": clean,
         "flags": flags,
         "multiplicity": fdr,
+        # Per-image outcomes of each headline over all n images (Probe.outcomes), for a study's intervals and
+        # between-regime tests; write_report stores them in outcomes.npz beside report.json, not in it.
+        "outcomes": outcomes,
         "config": {"probes": probes, "methods": methods, "split": split, "n_images": n, "batch_size": batch_size,
                    "seed": seed, "n_boot": n_boot, "options": options, "world_size": world},
         "timing": {"total_s": round(time.perf_counter() - started, 3), "per_probe_s": timings, "device": str(dev)},
     }
+
+
+def fingerprint(images: Tensor, labels: Tensor) -> str:
+    """SHA-1 of the evaluated images ``(N, 3, H, W)`` and labels ``(N,)``: two reports with the same
+    fingerprint scored the same test images in the same order (a study pairs them image by image)."""
+    import hashlib
+
+    h = hashlib.sha1()
+    h.update(np.ascontiguousarray(images.numpy(), dtype=np.float32).tobytes())
+    h.update(np.ascontiguousarray(labels.numpy(), dtype=np.int64).tobytes())
+    return h.hexdigest()
 
 
 def report_fdr(report_probes: dict, alpha: float = 0.05) -> dict:

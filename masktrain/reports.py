@@ -126,15 +126,42 @@ def plot_leakage(report: dict, path: Path) -> bool:
     return True
 
 
+_SEP = "::"  # probe::key in outcomes.npz (keys such as "original/grey" hold a slash)
+
+
+def save_outcomes(outcomes: dict[str, dict[str, np.ndarray]], path: Path) -> None:
+    """``{probe: {key: (n,) per-image outcomes}}`` as one compressed ``.npz`` (array name ``probe::key``)."""
+    arrays = {f"{probe}{_SEP}{key}": np.asarray(v, dtype=np.float64) for probe, by_key in outcomes.items() for key, v in by_key.items()}
+    with open(path, "wb") as fh:
+        np.savez_compressed(fh, **arrays)
+
+
+def load_outcomes(path: str | os.PathLike) -> dict[str, dict[str, np.ndarray]]:
+    """The per-image outcomes :func:`write_report` stored in ``outcomes.npz`` (``{}`` when there is no file)."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    out: dict[str, dict[str, np.ndarray]] = {}
+    with np.load(path) as data:
+        for name in data.files:
+            probe, _, key = name.partition(_SEP)
+            out.setdefault(probe, {})[key] = data[name]
+    return out
+
+
 def write_report(report: dict, out_dir: str | os.PathLike, plots: bool = True) -> dict[str, Path]:
-    """Write report.json, report.md and the plots (leakage.png and each probe's own) into ``out_dir``
+    """Write report.json, report.md, outcomes.npz (the per-image outcomes a study reads, kept out of
+    report.json to keep it small) and the plots (leakage.png and each probe's own) into ``out_dir``
     atomically; returns the paths written."""
     out = Path(out_dir)
     with atomic_directory(out, last="report.json") as tmp:
-        data = _jsonable(report)
+        data = _jsonable({k: v for k, v in report.items() if k != "outcomes"})
         (tmp / "report.json").write_text(json.dumps(data, indent=2, allow_nan=False))
         (tmp / "report.md").write_text(render_markdown(data))
         written = ["report.json", "report.md"]
+        if report.get("outcomes"):
+            save_outcomes(report["outcomes"], tmp / "outcomes.npz")
+            written.append("outcomes.npz")
         if plots:
             if plot_leakage(data, tmp / "leakage.png"):
                 written.append("leakage.png")
@@ -156,7 +183,7 @@ def log_wandb(report: dict, files: dict[str, Path], out_dir: str | os.PathLike, 
     run = wandb.init(project=project, dir=str(out_dir), mode=os.environ["WANDB_MODE"], name=name, group=group,
                      job_type="evaluate", config=_jsonable(report.get("config", {})), reinit="finish_previous")
     try:
-        data = _jsonable(report)
+        data = _jsonable({k: v for k, v in report.items() if k != "outcomes"})
         rows = summary_rows(data)
         cols = list(dict.fromkeys(c for r in rows for c in r if c != "flags")) + ["flags"]
         table = wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in rows])

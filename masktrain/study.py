@@ -3,8 +3,11 @@
 ``run_study(study_dir)`` finds ``<study>/<recipe>/seed<N>/checkpoints/last.ckpt`` (the layout
 ``python train.py -m recipe=... seed=...`` writes), evaluates each with
 :func:`masktrain.evaluation.evaluate`, and aggregates regime × probe × method over seeds
-(mean, spread, per-seed values with their intervals, chance). Before anything is read
-as "no leakage", it checks that the baseline reads shape at all and says so plainly.
+(mean, spread, per-seed values with their intervals, chance, and a 95% interval over seeds *and*
+test images from the probes' per-image outcomes). Every regime is compared with the baseline and
+with ``continued_training`` (the baseline fine-tuned as long, without masks) by a paired test over
+(seed, image) with Benjamini–Hochberg across the study (:mod:`masktrain.study_compare`). Before
+anything is read as "no leakage", it checks that the baseline reads shape at all and says so plainly.
 """
 from __future__ import annotations
 
@@ -26,8 +29,9 @@ from masktrain.checkpoint import load_classifier
 from masktrain.errors import UserError, check
 from masktrain.io_utils import atomic_write
 from masktrain.probes import PROBES, Probe
+from masktrain.study_compare import cell_intervals, collect_outcomes, compare_regimes, render_comparisons
 
-REGIME_ORDER = ("baseline", "mask_aug", "silhouette_aug", "layer_mask_aug")
+REGIME_ORDER = ("baseline", "continued_training", "mask_aug", "silhouette_aug", "layer_mask_aug")
 
 
 @dataclass(frozen=True)
@@ -139,6 +143,7 @@ def render_markdown(study: dict[str, Any]) -> str:
         lines += [f"## {c['title']}", "", c["message"], ""]
     for probe in _study_probes(study):
         lines += probe.study_markdown(study, probe_cells(study, probe.name))
+    lines += render_comparisons(study, _study_probes(study))
     if study["flags"]:
         lines += ["## Flags", ""] + [f"- {f}" for f in study["flags"]] + [""]
     lines += ["Per-run reports: `reports/<regime>_seed<N>/report.md`. Definitions: docs/probes.md.", ""]
@@ -164,6 +169,44 @@ def plot_study(study: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
+
+
+def build_study(reports: dict[tuple[str, int], dict], root: Path, runs: Sequence[Run], probes: Sequence[str],
+                methods: Sequence[str], n_images: int | None, started: float, n_boot: int = 2000,
+                n_permutations: int = 10000) -> dict[str, Any]:
+    """The study dict from every run's report (``{(regime, seed): report}``, each with its per-image ``outcomes``):
+    the table over seeds with two-level bootstrap intervals, the study-wide BH of the verdicts, the between-regime
+    comparisons and the checks."""
+    multiplicity = study_fdr(reports)
+    table = aggregate(reports)
+    t0 = time.perf_counter()
+    outcomes = collect_outcomes(reports)
+    regimes = list(dict.fromkeys(r.regime for r in runs))
+    cell_intervals(table, outcomes, n_boot=n_boot)
+    fingerprints = {key: (rep.get("dataset") or {}).get("fingerprint") for key, rep in reports.items()}
+    comparisons, comparison_tests = compare_regimes(outcomes, fingerprints, regimes, n_boot=n_boot, n_permutations=n_permutations)
+    stats_s = time.perf_counter() - t0
+    study = {
+        "study_dir": str(root),
+        "runs": [{"regime": r.regime, "seed": r.seed, "checkpoint": str(r.checkpoint)} for r in runs],
+        "regimes": regimes,
+        "seeds": sorted({r.seed for r in runs}),
+        "methods": list(methods),
+        "probes": list(probes),
+        "n_images": n_images,
+        "table": table,
+        "multiplicity": multiplicity,
+        "comparisons": comparisons,
+        "comparison_tests": comparison_tests,
+        "flags": sorted({f"{regime}: {flag}" for (regime, _), rep in reports.items() for flag in rep.get("flags", [])}),
+        "hardware": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}"
+                    + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
+        "timing": {"total_s": time.perf_counter() - started, "intervals_and_comparisons_s": stats_s},
+    }
+    study["checks"] = checks(study)
+    # The first check is the one stated first (kept under its old name for readers of study.json).
+    study["baseline_check"] = next(iter(study["checks"].values()), {"status": "unknown", "message": "no probe of this study checks the baseline"})
+    return study
 
 
 def run_study(
@@ -198,27 +241,7 @@ def run_study(
         if write:
             write_report(report, root / "reports" / f"{run.regime}_seed{run.seed}", plots=False)
         reports[(run.regime, run.seed)] = report
-    multiplicity = study_fdr(reports)
-    table = aggregate(reports)
-    regimes = list(dict.fromkeys(r.regime for r in runs))
-    study = {
-        "study_dir": str(root),
-        "runs": [{"regime": r.regime, "seed": r.seed, "checkpoint": str(r.checkpoint)} for r in runs],
-        "regimes": regimes,
-        "seeds": sorted({r.seed for r in runs}),
-        "methods": list(methods),
-        "probes": list(probes),
-        "n_images": n_images,
-        "table": table,
-        "multiplicity": multiplicity,
-        "flags": sorted({f"{regime}: {flag}" for (regime, _), rep in reports.items() for flag in rep.get("flags", [])}),
-        "hardware": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch threads {torch.get_num_threads()}"
-                    + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
-        "timing": {"total_s": time.perf_counter() - started},
-    }
-    study["checks"] = checks(study)
-    # The first check is the one stated first (kept under its old name for readers of study.json).
-    study["baseline_check"] = next(iter(study["checks"].values()), {"status": "unknown", "message": "no probe of this study checks the baseline"})
+    study = build_study(reports, root, runs, probes, methods, n_images, started)
     if write:
         atomic_write(root / "study.json", json.dumps(study, indent=2, default=float))
         atomic_write(root / "study.md", render_markdown(study))

@@ -31,7 +31,9 @@ def _init(directory: Path, project: str, mode: str, **kwargs: Any):
 
 
 STUDY_COLUMNS = ["regime", "probe", "key", "mean", "std", "min", "max", "n_seeds", "chance",
-                 "correct_mean", "correct_std"]
+                 "correct_mean", "correct_std", "ci_lo", "ci_hi"]
+COMPARISON_COLUMNS = ["regime", "reference", "probe", "key", "difference", "ci_lo", "ci_hi", "p_value", "q_value", "verdict",
+                      "n_seeds", "n_pairs"]
 
 
 def study_rows(study: dict[str, Any]) -> list[list[Any]]:
@@ -41,8 +43,22 @@ def study_rows(study: dict[str, Any]) -> list[list[Any]]:
         for probe, by_key in probes.items():
             for key, cell in by_key.items():
                 correct = cell.get("correct") or {}
+                lo, hi = cell.get("ci95") or (None, None)
                 rows.append([regime, probe, key, cell.get("mean"), cell.get("std"), cell.get("min"), cell.get("max"),
-                             cell.get("n_seeds"), cell.get("chance"), correct.get("mean"), correct.get("std")])
+                             cell.get("n_seeds"), cell.get("chance"), correct.get("mean"), correct.get("std"), lo, hi])
+    return rows
+
+
+def comparison_rows(study: dict[str, Any]) -> list[list[Any]]:
+    """One row per between-regime comparison of ``study["comparisons"]``, in COMPARISON_COLUMNS order."""
+    rows = []
+    for by_ref in (study.get("comparisons") or {}).values():
+        for by_probe in by_ref.values():
+            for by_key in by_probe.values():
+                for c in by_key.values():
+                    lo, hi = c.get("ci95") or (None, None)
+                    rows.append([c["regime"], c["reference"], c["probe"], c["key"], c.get("difference"), lo, hi,
+                                 c.get("p_value"), c.get("q_value"), c.get("verdict"), c.get("n_seeds"), c.get("n_pairs")])
     return rows
 
 
@@ -62,6 +78,8 @@ def log_study_wandb(study: dict[str, Any], study_dir: str | os.PathLike, project
     run = _init(root, project, mode, name=f"study-{root.name}", group=root.name, job_type="study", config=config)
     try:
         payload: dict[str, Any] = {"study/table": wandb.Table(columns=STUDY_COLUMNS, data=study_rows(study))}
+        if comparison_rows(study):
+            payload["study/comparisons"] = wandb.Table(columns=COMPARISON_COLUMNS, data=comparison_rows(study))
         if (root / "study.png").is_file():
             payload["study/figure"] = wandb.Image(str(root / "study.png"))
         run.log(payload)

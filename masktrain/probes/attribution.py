@@ -191,6 +191,18 @@ class Attribution(Probe):
             entry["examples"] = self._examples(ctx, records, rows)
         return entry
 
+    def outcomes(self, ctx, key, records, rows):
+        """Per explained image: LeRF − MoRF area of its true-class probability; NaN for the images not explained."""
+        o = ctx.opts(NAME)
+        rows = rows & np.isfinite(records["morf/prob"]).all(1)
+        out = np.full(rows.shape[0], np.nan)
+        if rows.any():
+            fr = torch.tensor(o.fractions)
+            lerf = curve_area(torch.from_numpy(records["lerf/prob"][rows]), fr).numpy()
+            morf = curve_area(torch.from_numpy(records["morf/prob"][rows]), fr).numpy()
+            out[rows] = lerf - morf
+        return out
+
     def _examples(self, ctx, records, rows) -> dict:
         """A few images and their maps, downsampled to ``example_side``, for the figure."""
         o = ctx.opts(NAME)

@@ -246,6 +246,16 @@ class Backgrounds(Probe):
                 entry["flags"].append(f"{fb} of {n} images had no eligible {condition} partner and took a random one")
         return entry
 
+    def outcomes(self, ctx, key, records, rows):
+        """Per image: correct under the condition (1/0); for ``bg_gap``, correct on mixed_same minus on mixed_rand."""
+        labels = records["label"].astype(np.int64)
+        if key.split("/", 1)[0] == GAP:
+            out = (records["scores_same"].argmax(1) == labels).astype(np.float64) - (records["scores_rand"].argmax(1) == labels)
+        else:
+            out = (records["scores"].argmax(1) == labels).astype(np.float64)
+        out[~rows] = np.nan
+        return out
+
     # report.md ----------------------------------------------------------------------------
     def report_rows(self, cols: dict[str, dict]) -> list[str]:
         lines = ["| condition | method | subset | accuracy | 95% CI | AUC | 95% CI | Δacc vs original [95% CI], p (bootstrap) | ΔAUC vs original [95% CI], p (DeLong) | n |",

@@ -3,7 +3,8 @@
 A probe is one file: a :class:`Probe` subclass registered with :func:`register_probe`. It
 owns its options (a dataclass ``Options`` with the defaults), its requirements
 (``needs_object_masks``, ``needs_train_split``; shared inputs through ``ctx.shared``), its
-numbers (``collect`` / ``summarise``) and how they are shown: ``headline`` wording, its rows
+numbers (``collect`` / ``summarise``; ``outcomes``: the headline per test image, for a study's intervals and
+between-regime tests) and how they are shown: ``headline`` wording, its rows
 in report.md (``report_rows``), its plots (``plots``), its W&B media, and its cells, tables
 and panels in a study (``study_cell``, ``study_markdown``, ``study_panels``). The
 evaluation, report and study code only iterate over probe objects. See docs/probes.md,
@@ -167,6 +168,15 @@ class Probe:
         """A report entry from gathered records restricted to ``rows`` (a bool mask over all N samples)."""
         raise NotImplementedError
 
+    def outcomes(self, ctx: ProbeContext, key: str, records: dict[str, np.ndarray], rows: np.ndarray) -> np.ndarray | None:
+        """Per-image outcomes of the headline: ``(N,)`` float over all N evaluated images in row order,
+        whose mean over the finite entries of ``rows`` is the ``value`` of the entry ``summarise`` returns
+        for those rows (e.g. 1/0 per correct answer; −1/0/+1 for a paired arm difference); NaN for an
+        image the number does not use. None (the default): the headline is not a mean over test images,
+        or does not depend on the model. Called after ``summarise`` with the headline subset (``all``).
+        A study bootstraps these over seeds and images and pairs them across regimes by (seed, image)."""
+        return None
+
     def verdict(self, entry: dict, p_value: "float | dict[str, float]", alpha: float = 0.05,
                 accuracy: dict | None = None) -> dict:
         """The decision for one entry: does the model read shape, and which way does it go.
@@ -258,10 +268,11 @@ class Probe:
         if not keys:
             return []
         chance = study_chance(cells)
-        unit = " (%, mean ± sd over seeds)" if self.percent else " (mean ± sd over seeds)"
+        unit = " (%, mean ± sd over seeds" if self.percent else " (mean ± sd over seeds"
+        unit += " [95% interval: two-level bootstrap over seeds and test images])"
         note = f"; chance {100 * chance:.1f}%" if chance and self.reference == "chance" else ""
         lines = [f"## {self.name}", "", f"{self.study_headline or self.headline}{unit}{note}", ""]
-        lines += study_table(study, cells, keys, lambda c: fmt_spread(c, self.percent))
+        lines += study_table(study, cells, keys, lambda c: fmt_spread(c, self.percent) + fmt_cell_ci(c, self.percent))
         lines += [""]
         if any("reads_shape" in s for by_key in cells.values() for c in by_key.values() for s in c.get("seeds", {}).values()):
             lines += ["Reads shape — seeds whose verdict is significant after Benjamini–Hochberg across the study "
@@ -376,6 +387,14 @@ def fmt_spread(cell: dict | None, pct: bool = True) -> str:
     if cell.get("n_seeds", 0) > 1:
         text += f" ± {100 * cell['std']:.1f}" if pct else f" ± {cell['std']:.3f}"
     return text
+
+
+def fmt_cell_ci(cell: dict | None, pct: bool = True) -> str:
+    """`` [lo, hi]`` of an aggregated study cell's two-level bootstrap interval (in % when ``pct``), "" when it has none."""
+    ci = (cell or {}).get("ci95")
+    if not ci or ci[0] is None:
+        return ""
+    return f" [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if pct else f" [{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
 def reading_seeds(cell: dict | None) -> list[str]:

@@ -124,6 +124,7 @@ class LinearProbe(Probe):
         ctrl, ctrl_null = permutation_cv(records["control_features"][rows], y, ctx.num_classes, folds, opts.ridge,
                                          opts.n_permutations, derive_seed(seed, 2))
         entry = accuracy_entry(ctx, y, pred, subset)
+        ctx.cache[f"{self.name}/{key}/{subset}/hits"] = (rows, pred == y)  # for outcomes(): no second cross-validation
         p_value = float((1 + np.sum(null >= entry["value"] - 1e-12)) / (1 + len(null)))
         entry.update(metric="cross-validated accuracy on the silhouette's class", folds=folds, donor=self._donor(ctx),
                      feature_dim=int(records["features"].shape[1]), majority_chance=float(counts.max() / max(counts.sum(), 1)),
@@ -137,6 +138,17 @@ class LinearProbe(Probe):
         entry["leakage"] = {"value": entry["value"] - control["value"], "p_value": stats.mcnemar(pred == y, ctrl == y)}
         entry["reads_shape"] = self.verdict(entry, {"accuracy": p_value, "leakage": entry["leakage"]["p_value"]}, opts.alpha)
         return entry
+
+    def outcomes(self, ctx, key, records, rows):
+        """Per image: its cross-validated prediction (from the fold that held it out) is the silhouette's class (1/0).
+        Cross-validated predictions share fitted folds, so images are not independent draws; the study's image-level
+        resampling treats them as if they were (a caveat docs/probes.md states)."""
+        memo = ctx.cache.get(f"{self.name}/{key}/all/hits")
+        if memo is None or not np.array_equal(memo[0], rows):
+            return None
+        out = np.full(rows.shape[0], np.nan)
+        out[rows] = memo[1].astype(np.float64)
+        return out
 
     def report_rows(self, cols):
         kind = next(iter(cols.values()), {}).get("key_kind", self.key_kind)

@@ -91,9 +91,15 @@ class MissingnessCurve(Probe):
                          predicted_class_entropy=float(stats.entropy_bits(counts / max(counts.sum(), 1))))
             point["top_class_share"] = share
             points.append(point)
-        fr = np.array([p["fraction"] for p in points])
-        # Headline: area under the accuracy curve = trapezoid weights over the removed fraction,
-        # applied per sample so the bootstrap interval is of the same number.
+        per_sample_auc = self._per_sample_auc(ctx, records)[rows]
+        entry = stats.mean_value(per_sample_auc, labels, k, 1.0 / k, ctx.class_names, subset, ctx.n_boot, ctx.seed)
+        entry.update(metric="area under the accuracy curve (mean accuracy over removed fraction)", curve=points, flags=[])
+        return entry
+
+    def _per_sample_auc(self, ctx, records) -> np.ndarray:
+        """Area under each image's accuracy curve ``(N,)``: trapezoid weights over the removed fraction,
+        applied per sample so the bootstrap interval (and a study's) is of the headline itself."""
+        fr = np.array([float(f) for f in ctx.opts(self.name).fractions])
         w = np.ones(len(fr))
         if len(fr) > 1 and fr[-1] > fr[0]:
             w = np.zeros(len(fr))
@@ -101,11 +107,15 @@ class MissingnessCurve(Probe):
             w[:-1] += d
             w[1:] += d
         w = w / w.sum()
-        hits = np.stack([records[f"{s}/pred"][rows] == labels for s in range(len(points))], axis=1).astype(np.float64)
-        per_sample_auc = hits @ w if len(labels) else np.zeros(0)
-        entry = stats.mean_value(per_sample_auc, labels, k, 1.0 / k, ctx.class_names, subset, ctx.n_boot, ctx.seed)
-        entry.update(metric="area under the accuracy curve (mean accuracy over removed fraction)", curve=points, flags=[])
-        return entry
+        labels = records["label"]
+        hits = np.stack([records[f"{s}/pred"] == labels for s in range(len(fr))], axis=1).astype(np.float64)
+        return hits @ w
+
+    def outcomes(self, ctx, key, records, rows):
+        """Per image: the area under its accuracy curve (mean correctness over the removed fractions)."""
+        out = self._per_sample_auc(ctx, records)
+        out[~rows] = np.nan
+        return out
 
     # --- presentation -----------------------------------------------------------------
     def report_rows(self, cols):

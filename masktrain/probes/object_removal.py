@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from masktrain import stats
@@ -90,6 +91,13 @@ class ObjectRemoval(Probe):
                                   f"leaves {1 - coverage:.0%} of the object visible on average, so check shape_only (no remnants) "
                                   f"before reading this as shape")
         return entry
+
+    def outcomes(self, ctx, key, records, rows):
+        """Per image: correct on the silhouette hole (1/0) minus correct on the area-matched disk (1/0)."""
+        hit = {hole: (records[f"pred_{hole}"] == records["label"]).astype(np.float64) for hole in ("silhouette", CONTROL)}
+        out = hit["silhouette"] - hit[CONTROL]
+        out[~rows] = np.nan
+        return out
 
     def report_rows(self, cols):
         kind = next(iter(cols.values()), {}).get("key_kind", self.key_kind)

@@ -99,6 +99,13 @@ class ShapeOnly(Probe):
         entry["flags"] = flags
         return entry
 
+    def outcomes(self, ctx, key, records, rows):
+        """Per image: the first donor's shape-only input answered with the silhouette's class (1/0)."""
+        donor = ctx.opts(self.name).donors[0]
+        out = (records[f"{donor}/pred"] == records["label"]).astype(np.float64)
+        out[~rows] = np.nan
+        return out
+
     # --- presentation -----------------------------------------------------------------
     def report_rows(self, cols):
         kind = next(iter(cols.values()), {}).get("key_kind", self.key_kind)
