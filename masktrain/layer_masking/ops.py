@@ -23,7 +23,7 @@ from torch import Tensor, fx, nn
 
 from masktrain.errors import UserError
 from masktrain.layer_masking.batch_norm import masked_batch_norm
-from masktrain.layer_masking.masked import Masked, clean, clean_, mask_view
+from masktrain.layer_masking.masked import MaskCache, Masked, clean, clean_, mask_view
 from masktrain.layer_masking.registry import (  # noqa: F401  (re-exported for rules written against ops)
     FUNCTION_RULES, METHOD_RULES, MODULE_RULES, Ctx, Rule, Run, Static, module_rule, register_builtin,
 )
@@ -351,15 +351,7 @@ def masked_conv(
     # work in place on a tensor this conv alone reads (ctx.overwritable, or a fresh map under
     # no_grad, ctx.owned_no_grad), or on the new tensor that cleaning a dirty map makes.
     sole = 0 in ctx.overwritable or (0 in ctx.owned_no_grad and not torch.is_grad_enabled())
-    if x.dirty:
-        if sole and not torch.is_grad_enabled() and x.a.is_contiguous():
-            a = x.a.mul_(x.m)
-        else:
-            a = x.a * x.m
-        own = True
-    else:
-        a, own = x.a, sole
-    out = conv(neighbour_pad(a, x.m, rounds, ctx.cache, in_place=own))
+    out = conv(neighbour_pad(x.a, x.m, rounds, ctx.cache, in_place=sole, dirty=x.dirty))
     if torch.is_grad_enabled():
         # In place: conv's backward needs its input and weight, not its output, so this is
         # autograd-safe and saves one allocation per conv.
@@ -389,7 +381,7 @@ def _max_pool(ctx: Ctx, pool: nn.MaxPool2d, args: tuple, kwargs: dict) -> Masked
     geometry = (_pair(pool.kernel_size), _pair(pool.stride or pool.kernel_size), _pair(pool.padding),
                 _pair(pool.dilation), pool.ceil_mode)
     mask = ctx.cache.get(x.m, ("maxpool",) + geometry, lambda: pool_mask(x.m, *geometry))
-    return Masked(pool(clean_(x).a), mask)  # a window without a visible position holds only zeros
+    return Masked(pool(clean_(x, ctx.cache).a), mask)  # a window without a visible position holds only zeros
 
 
 def _max_pool_static(node: fx.Node, pool: nn.MaxPool2d) -> bool:
@@ -404,16 +396,16 @@ def _avg_pool(ctx: Ctx, pool: nn.AvgPool2d, args: tuple, kwargs: dict) -> Masked
     key = ("avgpool", _pair(pool.kernel_size), _pair(pool.stride or pool.kernel_size), _pair(pool.padding),
            pool.ceil_mode, pool.count_include_pad)
     mask = ctx.cache.get(x.m, key, lambda: (pool(x.m) > 0).to(x.m.dtype))
-    return Masked(pool(clean_(x).a), mask)  # a window without a visible position holds only zeros
+    return Masked(pool(clean_(x, ctx.cache).a), mask)  # a window without a visible position holds only zeros
 
 
 def _is_global(output_size) -> bool:
     return all(s == 1 for s in _pair(output_size))
 
 
-def _masked_mean(x: Masked, keepdim: bool) -> Tensor:
+def _masked_mean(x: Masked, keepdim: bool, cache: Optional[MaskCache] = None) -> Tensor:
     """Mean over visible positions per channel: ``(B, C, 1, 1)`` or ``(B, C)``; 0 when nothing is visible."""
-    x = clean_(x)
+    x = clean_(x, cache)
     count = x.m.sum(dim=(2, 3), keepdim=keepdim).clamp(min=1)
     return x.a.sum(dim=(2, 3), keepdim=keepdim) / count
 
@@ -425,8 +417,8 @@ def _adaptive_avg_static(node: fx.Node, target: Any) -> bool:
 
 def _adaptive_avg(ctx: Ctx, output_size, x: Masked) -> Any:
     if _is_global(output_size):
-        return _masked_mean(x, keepdim=True)  # mask consumed: a plain (B, C, 1, 1) tensor
-    x = clean_(x)
+        return _masked_mean(x, keepdim=True, cache=ctx.cache)  # mask consumed: a plain (B, C, 1, 1) tensor
+    x = clean_(x, ctx.cache)
     total = F.adaptive_avg_pool2d(x.a, output_size)
     share = F.adaptive_avg_pool2d(x.m, output_size)
     mask = (share > 0).to(x.m.dtype)
@@ -489,7 +481,7 @@ def _reduce(ctx: Ctx, x: Masked, dims, keepdim: bool, mean: bool, op: str) -> An
     axes, kind = reduce_axes(ctx, op, x, dims)
     if kind == "spatial":
         # Mean over visible positions only (0 when nothing is visible); the mask is consumed.
-        x = clean_(x)
+        x = clean_(x, ctx.cache)
         total = x.a.sum(dim=axes, keepdim=keepdim)
         if not mean:
             return total
