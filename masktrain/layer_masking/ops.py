@@ -23,7 +23,7 @@ from torch import Tensor, fx, nn
 
 from masktrain.errors import UserError
 from masktrain.layer_masking.batch_norm import masked_batch_norm
-from masktrain.layer_masking.masked import MaskCache, Masked, clean, clean_, mask_view
+from masktrain.layer_masking.masked import MaskCache, Masked, all_visible, clean, clean_, mask_view
 from masktrain.layer_masking.registry import (  # noqa: F401  (re-exported for rules written against ops)
     FUNCTION_RULES, METHOD_RULES, MODULE_RULES, Ctx, Rule, Run, Static, module_rule, register_builtin,
 )
@@ -403,11 +403,27 @@ def _is_global(output_size) -> bool:
     return all(s == 1 for s in _pair(output_size))
 
 
+def visible_sum(x: Masked, axes: Tuple[int, ...], keepdim: bool, cache: Optional[MaskCache] = None) -> Tensor:
+    """Sum of ``x.a`` over its spatial ``axes`` at visible positions only.
+
+    A dirty ``(B, C, H, W)`` map is summed as one batched matrix-vector product with the mask,
+    ``(B, C, HW) @ (B, HW, 1)``: one read of the map instead of zeroing it first (the SE
+    squeeze of every EfficientNet block). Removed values are multiplied by exactly 0, so they
+    still never reach the result.
+    """
+    if (x.dirty and x.layout is None and axes == (2, 3) and x.a.is_contiguous()
+            and not (cache is not None and all_visible(x.m, cache))):
+        b, c, h, w = x.a.shape
+        total = torch.bmm(x.a.view(b, c, h * w), x.m.reshape(b, h * w, 1).to(x.a.dtype))
+        return total.view(b, c, 1, 1) if keepdim else total.view(b, c)
+    x = clean_(x, cache)
+    return x.a.sum(dim=axes, keepdim=keepdim)
+
+
 def _masked_mean(x: Masked, keepdim: bool, cache: Optional[MaskCache] = None) -> Tensor:
     """Mean over visible positions per channel: ``(B, C, 1, 1)`` or ``(B, C)``; 0 when nothing is visible."""
-    x = clean_(x, cache)
     count = x.m.sum(dim=(2, 3), keepdim=keepdim).clamp(min=1)
-    return x.a.sum(dim=(2, 3), keepdim=keepdim) / count
+    return visible_sum(x, (2, 3), keepdim, cache) / count
 
 
 def _adaptive_avg_static(node: fx.Node, target: Any) -> bool:
@@ -481,8 +497,7 @@ def _reduce(ctx: Ctx, x: Masked, dims, keepdim: bool, mean: bool, op: str) -> An
     axes, kind = reduce_axes(ctx, op, x, dims)
     if kind == "spatial":
         # Mean over visible positions only (0 when nothing is visible); the mask is consumed.
-        x = clean_(x, ctx.cache)
-        total = x.a.sum(dim=axes, keepdim=keepdim)
+        total = visible_sum(x, axes, keepdim, ctx.cache)
         if not mean:
             return total
         count = mask_view(x).sum(dim=axes, keepdim=keepdim).clamp(min=1)
