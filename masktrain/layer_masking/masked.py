@@ -78,7 +78,7 @@ def clean_(x: Masked, cache: Optional["MaskCache"] = None) -> Masked:
     if cache is not None and all_visible(x.m, cache):
         x.dirty = False  # nothing is removed: there is nothing to zero
         return x
-    if torch.is_grad_enabled() or not x.a.is_contiguous():
+    if torch.is_grad_enabled() or not (x.a.is_contiguous() or x.a.is_contiguous(memory_format=torch.channels_last)):
         return clean(x)
     x.a.mul_(mask_view(x))
     x.dirty = False
