@@ -20,6 +20,8 @@ scheduling: every op's parallel region waits for a descheduled thread, which pen
 the masked model's extra (short) ops far more than the plain model's long convolutions
 (plain forward seen at 0.5–4.3 s on the same machine). ``--threads 1`` gives stable
 ratios there; compare against a baseline only within one run or back-to-back runs.
+``--clock process`` times each call in CPU time of this process (with ``--threads 1``),
+which leaves out the time other processes hold the core.
 """
 from __future__ import annotations
 
@@ -41,12 +43,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+CLOCK = time.perf_counter  # --clock process: time.process_time (CPU time of this process)
+
+
 def _timed(fn: Callable[[], None], device: torch.device) -> float:
     _sync(device)
-    start = time.perf_counter()
+    start = CLOCK()
     fn()
     _sync(device)
-    return time.perf_counter() - start
+    return CLOCK() - start
 
 
 def _pairs(plain: Callable[[], None], masked: Callable[[], None], repeats: int, device: torch.device) -> Tuple[List[float], List[float]]:
@@ -154,12 +159,20 @@ def main() -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
     parser.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
                         help="one or more of fp32, bf16 (bf16 = torch.autocast to bfloat16)")
+    parser.add_argument("--clock", choices=["wall", "process"], default="wall",
+                        help="wall (default) or process: CPU time of this process, which leaves out the time "
+                             "the scheduler gives other processes on a shared machine (meaningful with --threads 1; "
+                             "with more threads it also counts OpenMP spin-waiting)")
     args = parser.parse_args()
+    global CLOCK
+    if args.clock == "process":
+        CLOCK = time.process_time
 
     torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     print(f"batch {args.batch}, {args.size}², device {device}"
-          f"{'' if device.type == 'cuda' else f', {args.threads} threads'}, {args.repeats} pairs, random 16x16 patches")
+          f"{'' if device.type == 'cuda' else f', {args.threads} threads'}, {args.repeats} pairs, random 16x16 patches, "
+          f"{args.clock} clock")
     results = {(arch, p): bench_arch(arch, args, device, arch in args.backward, p) for arch in args.archs for p in args.precision}
     print("summary (masked / plain, median of pairs):")
     for (arch, p), r in results.items():

@@ -316,18 +316,103 @@ def test_batch_norm_eval_uses_running_statistics():
 # --------------------------------------------------------------------------- fast paths
 
 
-@pytest.mark.parametrize("channels", [1, 3, 8, 9, 16])
-def test_box_sum_equals_depthwise_convolution(channels):
-    """The shifted-add box sum (few channels) and the depthwise conv give the same 3×3 sums."""
+@pytest.mark.parametrize("channels, h, w", [(1, 9, 13), (3, 9, 13), (8, 9, 13), (9, 9, 13), (16, 9, 13),
+                                             (16, 29, 31), (5, 1, 40), (12, 40, 1)])
+def test_box_sum_equals_depthwise_convolution(channels, h, w):
+    """The shifted-add box sum (few channels, or maps of at least 28² positions) and the depthwise
+    conv give the same 3×3 sums, also into the per-forward workspace under no_grad."""
+    from masktrain.layer_masking.masked import MaskCache
     from masktrain.layer_masking.neighbour_padding import box_sum
 
     g = torch.Generator().manual_seed(channels)
-    a = torch.randn(2, channels, 9, 13, generator=g, dtype=torch.float64)
+    a = torch.randn(2, channels, h, w, generator=g, dtype=torch.float64)
     ref = nn.functional.conv2d(a, torch.ones(channels, 1, 3, 3, dtype=torch.float64), padding=1, groups=channels)
     torch.testing.assert_close(box_sum(a), ref, rtol=1e-12, atol=1e-12)
-    mask = (torch.rand(2, 1, 9, 13, generator=g) > 0.5).float()
+    with torch.no_grad():
+        cache = MaskCache()
+        torch.testing.assert_close(box_sum(a, cache).clone(), ref, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(box_sum(a.flip(0), cache), ref.flip(0), rtol=1e-12, atol=1e-12)  # buffer reused
+    mask = (torch.rand(2, 1, h, w, generator=g) > 0.5).float()
     mask[0] = 0  # empty image; the other touches the border
     assert torch.equal(box_sum(mask), nn.functional.conv2d(mask, torch.ones(1, 1, 3, 3), padding=1))  # exact counts
+
+
+def _paper_padding(a: torch.Tensor, mask: torch.Tensor, rounds: int) -> torch.Tensor:
+    """The paper's padding loop, written out with a depthwise conv (reference for the fast paths)."""
+    box = torch.ones(a.shape[1], 1, 3, 3, dtype=a.dtype)
+    a, m = a * mask, mask
+    for _ in range(rounds):
+        sums = nn.functional.conv2d(a, box, padding=1, groups=a.shape[1])
+        count = nn.functional.conv2d(m, box[:1], padding=1)
+        a = a + (1 - m) * sums / (count + 1e-5)
+        m = (m + count).clamp(0, 1)
+    return a
+
+
+@pytest.mark.parametrize("shape, chunk_bytes", [((6, 5, 30, 29), 4 << 20), ((6, 5, 30, 29), 9000),
+                                                 ((6, 5, 30, 29), 60000), ((6, 40, 9, 11), 1000)])
+@pytest.mark.parametrize("dirty, in_place", [(False, False), (True, False), (True, True)])
+def test_neighbour_padding_fast_paths_equal_the_paper_loop(monkeypatch, shape, chunk_bytes, dirty, in_place):
+    """Under no_grad the padding skips images it cannot change (all visible, all removed), zeroes dirty
+    values only where it pads, and works in chunks (channel blocks of one image, runs of images); with
+    autograd it pads the whole map. Both give the paper's fills wherever a visible output can read them."""
+    from masktrain.layer_masking import neighbour_padding as npad
+    from masktrain.layer_masking.masked import MaskCache
+
+    monkeypatch.setattr(npad, "CHUNK_BYTES", chunk_bytes)
+    b, c, h, w = shape
+    g = torch.Generator().manual_seed(c * h)
+    mask = (torch.rand(b, 1, h, w, generator=g) > 0.6).double()
+    mask[1] = 1  # all visible: nothing to pad
+    mask[2] = 0  # all removed: every output removed
+    mask[4, :, 2:, :] = 0  # mostly removed: fills go far
+    a = torch.randn(b, c, h, w, generator=g, dtype=torch.float64)
+    garbage = a + (1 - mask) * 1e3 if dirty else a * mask
+    rounds = 3
+    ref = _paper_padding(a, mask, rounds)
+    reach = nn.functional.max_pool2d(mask, 2 * rounds + 1, 1, rounds)  # positions a visible 7×7 window can read
+    with torch.no_grad():
+        given = garbage.clone()
+        fast = npad.neighbour_pad(given, mask, rounds, MaskCache(), in_place=in_place, dirty=dirty)
+    if not in_place:
+        assert torch.equal(given, garbage)  # the caller's tensor is untouched
+    torch.testing.assert_close(fast * reach, ref * reach, rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(fast[[0, 3, 4, 5]], ref[[0, 3, 4, 5]], rtol=1e-12, atol=1e-9)  # padded images: exact
+    slow = npad.neighbour_pad(garbage.clone().requires_grad_(), mask, rounds, MaskCache(), dirty=dirty)
+    torch.testing.assert_close(slow.detach() * reach, ref * reach, rtol=1e-12, atol=1e-9)
+
+
+def test_visible_sum_of_a_dirty_map_ignores_removed_values():
+    """The SE squeeze sums a dirty map as a product with the mask: garbage at removed positions never counts."""
+    from masktrain.layer_masking.masked import Masked, MaskCache
+    from masktrain.layer_masking.ops import visible_sum
+
+    g = torch.Generator().manual_seed(3)
+    m = (torch.rand(3, 1, 7, 9, generator=g) > 0.5).double()
+    m[1] = 1
+    a = torch.randn(3, 4, 7, 9, generator=g, dtype=torch.float64)
+    ref = (a * m).sum(dim=(2, 3), keepdim=True)
+    for keepdim in (True, False):
+        out = visible_sum(Masked(a + 1e6 * (1 - m), m, dirty=True), (2, 3), keepdim, MaskCache())
+        torch.testing.assert_close(out, ref if keepdim else ref[:, :, 0, 0], rtol=1e-12, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["efficientnet_b0", "densenet121", "convnext_atto"])
+def test_no_grad_fast_paths_match_autograd_path_and_ignore_removed_values(name):
+    """Eval under no_grad cleans and pads in place, skips all-visible images and sums SE squeezes as
+    products; with autograd on, none of that runs. Same output, whatever the removed pixels hold."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=0).double().eval()
+    x = torch.randn(4, 3, 64, 64, dtype=torch.float64)
+    keep = _patch_keep(4, 64, 8, seed=5)
+    keep[1] = 1
+    keep[2] = 0
+    masked = layer_mask(model)
+    ref = masked(x, keep).detach()
+    with torch.no_grad():
+        out = masked(x, keep)
+        assert torch.equal(masked(x + 1e3 * (1 - keep), keep), out)
+    assert _rel(out, ref) < 1e-10
 
 
 @pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0"])

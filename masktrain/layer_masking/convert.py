@@ -16,7 +16,7 @@ from torch import Tensor, fx, nn
 from masktrain.errors import UserError
 from masktrain.layer_masking.masked import Masked
 from masktrain.layer_masking import norm_ops, resample_ops, shape_ops  # noqa: F401  (they register their rules)
-from masktrain.layer_masking.ops import describe_missing
+from masktrain.layer_masking.ops import ELEMENTWISE_MODULE_RUNS as _ELEMENTWISE_RUNS, describe_missing
 from masktrain.layer_masking.registry import FUNCTION_RULES, METHOD_RULES, Ctx, Rule, module_rule
 
 
@@ -87,12 +87,13 @@ def _input_nodes(node: fx.Node) -> List[fx.Node]:
 class _Step:
     """One graph node resolved at conversion: how to call it, and with which rule if masked."""
 
-    __slots__ = ("node", "kind", "target", "rule", "where", "free", "overwritable")
+    __slots__ = ("node", "kind", "target", "rule", "where", "free", "overwritable", "owned_no_grad")
 
     def __init__(self, node: fx.Node, kind: str, target: Any, rule: Optional[Rule], where: str) -> None:
         self.node, self.kind, self.target, self.rule, self.where = node, kind, target, rule, where
         self.free: List[fx.Node] = []  # values no later step reads
         self.overwritable: Tuple[int, ...] = ()  # positional args the rule may modify in place
+        self.owned_no_grad: Tuple[int, ...] = ()  # ... and those it may modify in place under no_grad
 
 
 def _resolve(node: fx.Node, modules: Dict[str, nn.Module]) -> Tuple[Any, Optional[Rule]]:
@@ -179,6 +180,7 @@ class LayerMasked(nn.Module):
     def _call(step: _Step, ctx: Ctx, args: tuple, kwargs: dict) -> Any:
         if step.rule is not None and _any_masked(args, kwargs):
             ctx.where, ctx.overwritable, ctx.node = step.where, step.overwritable, step.node
+            ctx.owned_no_grad = step.owned_no_grad
             if not step.rule.layouts:
                 _require_nchw(ctx, step, args, kwargs)
             return step.rule.run(ctx, step.target, args, kwargs)
@@ -296,10 +298,26 @@ def _sole_fresh(node: Any, modules: Dict[str, nn.Module]) -> bool:
     return kind in _PASS_THROUGH_MODULES and len(node.args) == 1 and _sole_fresh(node.args[0], modules)
 
 
+def _sole_fresh_no_grad(node: Any, modules: Dict[str, nn.Module]) -> bool:
+    """Whether ``node``'s value is a fresh tensor read only by its single user, when no autograd
+    graph is recorded (then nothing saves it for backward): a conv or batch norm output (timm's
+    ``BatchNormAct2d`` with any activation), or an elementwise activation / identity module
+    applied to such a value (in place or not, its output is then fresh as well)."""
+    if not isinstance(node, fx.Node) or len(node.users) != 1 or node.op != "call_module":
+        return False
+    module = modules[node.target]
+    if isinstance(module, (nn.Conv2d, nn.modules.batchnorm._BatchNorm)):
+        return True
+    rule = module_rule(type(module))
+    return (rule is not None and rule.run in _ELEMENTWISE_RUNS and len(node.args) == 1
+            and _sole_fresh_no_grad(node.args[0], modules))
+
+
 def _mark_overwritable(steps: List[_Step], modules: Dict[str, nn.Module]) -> None:
     for step in steps:
         if step.rule is not None:
             step.overwritable = tuple(i for i, arg in enumerate(step.node.args) if _sole_fresh(arg, modules))
+            step.owned_no_grad = tuple(i for i, arg in enumerate(step.node.args) if _sole_fresh_no_grad(arg, modules))
 
 
 def _mark_last_uses(graph: fx.Graph, steps: List[_Step]) -> None:

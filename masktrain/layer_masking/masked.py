@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Hashable, Optional, Tuple
 
+import torch
 from torch import Tensor
 
 Layout = Tuple[str, ...]
@@ -59,6 +60,37 @@ def view_mask(m: Tensor, layout: Layout) -> Tensor:
 def clean(x: Masked) -> Masked:
     """``x`` with ``a`` zero at removed positions (a new tensor if it was dirty)."""
     return Masked(x.a * mask_view(x), x.m, False, x.layout) if x.dirty else x
+
+
+def clean_(x: Masked, cache: Optional["MaskCache"] = None) -> Masked:
+    """:func:`clean`, zeroing ``x.a`` in place (and clearing ``x.dirty``) where that is safe.
+
+    Safe without autograd recording: zeroing removed positions changes no visible value, so
+    every other reader of ``x`` (or of a view of ``x.a``, which carries the same mask) sees
+    the same visible values, now already clean. Under autograd ``x.a`` may be saved for
+    backward, so a new tensor is made as by :func:`clean`. Saves one full-size allocation
+    and pass per later reader (the SE squeeze and the gate multiply read the same map).
+    With ``cache``, a map whose mask is all visible (masks grow with every k×k convolution,
+    so deep layers often are) is only marked clean.
+    """
+    if not x.dirty:
+        return x
+    if cache is not None and all_visible(x.m, cache):
+        x.dirty = False  # nothing is removed: there is nothing to zero
+        return x
+    if torch.is_grad_enabled() or not (x.a.is_contiguous() or x.a.is_contiguous(memory_format=torch.channels_last)):
+        return clean(x)
+    x.a.mul_(mask_view(x))
+    x.dirty = False
+    return x
+
+
+def all_visible(mask: Tensor, cache: "MaskCache") -> bool:
+    """Whether ``mask`` is all ones, computed once per mask and forward (CPU only: on an
+    accelerator the answer would cost a device synchronisation; there it is ``False``)."""
+    if mask.device.type != "cpu":
+        return False
+    return cache.get(mask, "all_visible", lambda: bool(mask.amin() > 0))
 
 
 class MaskCache:

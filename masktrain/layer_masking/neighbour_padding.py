@@ -24,32 +24,56 @@ from masktrain.layer_masking.masked import MaskCache
 FILL_EPS = 1e-5  # the paper's denominator epsilon; kept so fixture logits match
 
 
-SEPARABLE_MAX_CHANNELS = 8  # below this, shifted adds beat the depthwise conv (NCHW, CPU: up to 45x)
+SEPARABLE_MAX_CHANNELS = 8  # up to this many channels, shifted adds beat the depthwise conv (NCHW, CPU: up to 45x)
+# From this many positions per map, shifted adds beat oneDNN's NCHW depthwise 3×3 conv on CPU at any
+# channel count (one thread, batch 8: (144, 56²) 3.4 ms vs 43 ms, (96, 112²) 16 ms vs 63 ms,
+# (240, 28²) 0.9 ms vs 1.5 ms; at 14² and below the conv is faster).
+SHIFTED_MIN_POSITIONS = 28 * 28
 
 
 def _box_filter(channels: int, like: Tensor) -> Tensor:
     return torch.ones(channels, 1, 3, 3, dtype=like.dtype, device=like.device)
 
 
-def _box_sum_separable(a: Tensor) -> Tensor:
-    """3×3 neighbourhood sums (zero padding) as four shifted adds.
+def _box_sum_shifted(a: Tensor, rows: Tensor, out: Tensor) -> Tensor:
+    """3×3 neighbourhood sums (zero padding) as shifted adds along W, then along H.
 
-    oneDNN's NCHW depthwise convolution is very slow for few channels (the input image,
-    the 1-channel masks): 35 ms against 0.8 ms for ``(8, 3, 224, 224)`` on one CPU thread.
+    ``rows`` and ``out`` are buffers shaped like ``a`` (``out`` is returned). Six passes over
+    contiguous rows, no padded copy: oneDNN's NCHW depthwise convolution is far slower on
+    CPU for large maps and for few channels (35 ms against 0.8 ms for ``(8, 3, 224, 224)``).
     """
-    p = F.pad(a, (1, 1, 1, 1))
-    rows = p[..., :, :-2] + p[..., :, 1:-1]
-    rows += p[..., :, 2:]
-    out = rows[..., :-2, :] + rows[..., 1:-1, :]
-    out += rows[..., 2:, :]
+    torch.add(a[..., 1:], a[..., :-1], out=rows[..., 1:])
+    rows[..., :1].copy_(a[..., :1])
+    rows[..., :-1] += a[..., 1:]
+    torch.add(rows[..., 1:, :], rows[..., :-1, :], out=out[..., 1:, :])
+    out[..., :1, :].copy_(rows[..., :1, :])
+    out[..., :-1, :] += rows[..., 1:, :]
     return out
 
 
+def _channels_last(a: Tensor) -> bool:
+    return a.dim() == 4 and a.shape[1] > 1 and not a.is_contiguous() and a.is_contiguous(memory_format=torch.channels_last)
+
+
+def _workspace(a: Tensor, cache: Optional[MaskCache]) -> Tuple[Tensor, Tensor]:
+    """Two buffers shaped like ``a``: reused within a forward when no autograd graph can hold them."""
+    make = lambda: (torch.empty_like(a, memory_format=torch.contiguous_format),  # noqa: E731
+                    torch.empty_like(a, memory_format=torch.contiguous_format))
+    if cache is None or torch.is_grad_enabled():
+        return make()
+    return cache.const(("box_workspace", tuple(a.shape), a.dtype, a.device), make)
+
+
 def box_sum(a: Tensor, cache: Optional[MaskCache] = None) -> Tensor:
-    """3×3 neighbourhood sums of ``a`` ``(B, C, h, w)`` per channel, zero padding at the border."""
+    """3×3 neighbourhood sums of ``a`` ``(B, C, h, w)`` per channel, zero padding at the border.
+
+    Under ``no_grad`` the result may be a per-forward buffer that the next ``box_sum`` of the
+    same shape overwrites: use it before calling again.
+    """
     channels = a.shape[1]
-    if channels <= SEPARABLE_MAX_CHANNELS:
-        return _box_sum_separable(a)
+    if channels <= SEPARABLE_MAX_CHANNELS or (
+            a.device.type == "cpu" and not _channels_last(a) and a.shape[-2] * a.shape[-1] >= SHIFTED_MIN_POSITIONS):
+        return _box_sum_shifted(a, *_workspace(a, cache))
     make = lambda: _box_filter(channels, a)  # noqa: E731
     box = make() if cache is None else cache.const(("box", channels, a.dtype, a.device), make)
     return F.conv2d(a, box, padding=1, groups=channels)
@@ -66,20 +90,92 @@ def fill_coefficients(mask: Tensor, rounds: int) -> List[Tensor]:
     return coeffs
 
 
-def neighbour_pad(a: Tensor, mask: Tensor, rounds: int, cache: MaskCache) -> Tensor:
-    """``a`` ``(B, C, h, w)`` (zero where ``mask`` is 0) with ``rounds`` rounds of neighbour padding.
+def rounds_per_image(mask: Tensor, rounds: int) -> List[int]:
+    """For each image, how many of the ``rounds`` padding rounds can change it.
 
+    A round changes nothing in an image that is all visible (before that round) or has no
+    visible position at all (its box sums are 0), and an image stays so in later rounds, so
+    the count is the number of leading rounds in which the image is partly visible.
+    """
+    b = mask.shape[0]
+    flat = mask.reshape(b, -1)
+    visible_any = flat.amax(dim=1) > 0
+    m, active = mask, []
+    for _ in range(rounds):
+        active.append((m.reshape(b, -1).amin(dim=1) == 0) & visible_any)
+        m = (m + box_sum(m)).clamp_(0, 1)
+    return torch.stack(active).sum(dim=0).tolist()
+
+
+# Neighbour padding under no_grad on CPU works through the map in chunks of about this many bytes
+# (a run of images, or a channel block of one image), all rounds per chunk while it is in cache:
+# one thread, batch 8, two rounds on (96, 112²): 23 ms against 42 ms for whole-map passes.
+CHUNK_BYTES = 4 << 20
+
+
+def _chunks(needed: List[int], channels: int, image_bytes: int, shifted: bool):
+    """``(images, channels, rounds)`` slices covering the images with ``needed[b] > 0``."""
+    b, batch = 0, len(needed)
+    while b < batch:
+        if needed[b] == 0:
+            b += 1
+            continue
+        if shifted and image_bytes > CHUNK_BYTES:
+            block = max(1, channels * CHUNK_BYTES // image_bytes)
+            for c0 in range(0, channels, block):
+                yield slice(b, b + 1), slice(c0, c0 + block), needed[b]
+            b += 1
+            continue
+        span = max(1, CHUNK_BYTES // image_bytes) if shifted else batch
+        end = b
+        while end < batch and end - b < span and needed[end] > 0:
+            end += 1
+        yield slice(b, end), slice(None), max(needed[b:end])
+        b = end
+
+
+def neighbour_pad(a: Tensor, mask: Tensor, rounds: int, cache: MaskCache, in_place: bool = False,
+                  dirty: bool = False) -> Tensor:
+    """``a`` ``(B, C, h, w)`` with ``rounds`` rounds of neighbour padding from ``mask`` ``(B, 1, h, w)``.
+
+    ``a`` must be zero where ``mask`` is 0, unless ``dirty``: then it is zeroed there first (in
+    every image the padding changes; an image that is all visible or all removed is returned
+    as it is, its removed positions are never read by a visible output).
     Gradients flow to the visible entries of ``a`` only (the fills are detached).
+    ``in_place``: ``a`` is the caller's own tensor (read by nothing else, saved by no autograd
+    node), so it is updated in place instead of copied first.
     """
     if rounds <= 0:
         return a
+    if torch.is_grad_enabled() or a.device.type != "cpu":
+        coeffs = cache.get(mask, ("fill", rounds), lambda: fill_coefficients(mask, rounds))
+        if dirty:
+            a, in_place = a * mask, True
+        for r, c in enumerate(coeffs):
+            with torch.no_grad():  # the fill carries no gradient
+                sums = box_sum(a, cache)
+            # one fused pass a + c * sums; after the first round ``a`` is our own tensor, which
+            # nothing saves for backward (addcmul's gradient for it is the identity), so update it in place
+            a = a.addcmul_(sums, c) if r > 0 or in_place else torch.addcmul(a, sums, c)
+        return a
+    # no_grad on CPU: skip images the padding cannot change (masks grow with every k×k conv, so
+    # deep layers are often all visible) and pad the rest chunk by chunk while it is in cache.
+    needed = cache.get(mask, ("rounds_per_image", rounds), lambda: rounds_per_image(mask, rounds))
+    if max(needed) == 0:
+        return a
     coeffs = cache.get(mask, ("fill", rounds), lambda: fill_coefficients(mask, rounds))
-    for r, c in enumerate(coeffs):
-        with torch.no_grad():  # the fill carries no gradient
-            sums = box_sum(a, cache)
-        # one fused pass a + c * sums; after the first round ``a`` is our own tensor, which
-        # nothing saves for backward (addcmul's gradient for it is the identity), so update it in place
-        a = torch.addcmul(a, sums, c) if r == 0 else a.addcmul_(sums, c)
+    if not in_place:
+        a = a.clone()
+    batch, channels, h, w = a.shape
+    # A channels-last map (ConvNeXt's residual stream, after its permutes) takes oneDNN's fast
+    # channels-last depthwise conv: (8, 144, 56, 56) 1.9 ms against 7.8 ms NCHW, one thread.
+    shifted = not _channels_last(a) and (channels <= SEPARABLE_MAX_CHANNELS or h * w >= SHIFTED_MIN_POSITIONS)
+    for images, chans, n in _chunks(needed, channels, a[0].numel() * a.element_size(), shifted):
+        sub = a[images, chans]
+        if dirty:
+            sub.mul_(mask[images])
+        for c in coeffs[:n]:
+            sub.addcmul_(box_sum(sub, cache), c[images])
     return a
 
 

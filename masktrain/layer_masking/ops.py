@@ -23,7 +23,7 @@ from torch import Tensor, fx, nn
 
 from masktrain.errors import UserError
 from masktrain.layer_masking.batch_norm import masked_batch_norm
-from masktrain.layer_masking.masked import Masked, clean, mask_view
+from masktrain.layer_masking.masked import MaskCache, Masked, all_visible, clean, clean_, mask_view
 from masktrain.layer_masking.registry import (  # noqa: F401  (re-exported for rules written against ops)
     FUNCTION_RULES, METHOD_RULES, MODULE_RULES, Ctx, Rule, Run, Static, module_rule, register_builtin,
 )
@@ -100,6 +100,9 @@ ZERO_PRESERVING_FUNCTIONS = (
     F.dropout, F.dropout2d,
 )
 REMASK_FUNCTIONS = (torch.sigmoid, F.sigmoid, F.hardsigmoid)
+
+# rules of modules that act on each element alone and return their input or a new tensor
+ELEMENTWISE_MODULE_RUNS = (_zero_preserving_module, _relu_module, _remask_module)
 
 _register(MODULE_RULES, ZERO_PRESERVING_MODULES, _zero_preserving_module, layouts=True)
 _register(MODULE_RULES, (nn.ReLU,), _relu_module, layouts=True)
@@ -343,9 +346,12 @@ def masked_conv(
     if kernel == (1, 1) and padding == (0, 0, 0, 0):
         # each output reads one input position: removed outputs only ever see removed inputs
         return Masked(conv(x.a), mask, x.dirty or has_bias)
-    x = clean(x)  # neighbour padding needs zeros at removed positions
     rounds = rounds_for_kernel(kernel, dilation)
-    out = conv(neighbour_pad(x.a, x.m, rounds, ctx.cache))
+    # Neighbour padding needs zeros at removed positions and then writes fills there. It may
+    # work in place on a tensor this conv alone reads (ctx.overwritable, or a fresh map under
+    # no_grad, ctx.owned_no_grad), or on the new tensor that cleaning a dirty map makes.
+    sole = 0 in ctx.overwritable or (0 in ctx.owned_no_grad and not torch.is_grad_enabled())
+    out = conv(neighbour_pad(x.a, x.m, rounds, ctx.cache, in_place=sole, dirty=x.dirty))
     if torch.is_grad_enabled():
         # In place: conv's backward needs its input and weight, not its output, so this is
         # autograd-safe and saves one allocation per conv.
@@ -375,7 +381,7 @@ def _max_pool(ctx: Ctx, pool: nn.MaxPool2d, args: tuple, kwargs: dict) -> Masked
     geometry = (_pair(pool.kernel_size), _pair(pool.stride or pool.kernel_size), _pair(pool.padding),
                 _pair(pool.dilation), pool.ceil_mode)
     mask = ctx.cache.get(x.m, ("maxpool",) + geometry, lambda: pool_mask(x.m, *geometry))
-    return Masked(pool(clean(x).a), mask)  # a window without a visible position holds only zeros
+    return Masked(pool(clean_(x, ctx.cache).a), mask)  # a window without a visible position holds only zeros
 
 
 def _max_pool_static(node: fx.Node, pool: nn.MaxPool2d) -> bool:
@@ -390,18 +396,34 @@ def _avg_pool(ctx: Ctx, pool: nn.AvgPool2d, args: tuple, kwargs: dict) -> Masked
     key = ("avgpool", _pair(pool.kernel_size), _pair(pool.stride or pool.kernel_size), _pair(pool.padding),
            pool.ceil_mode, pool.count_include_pad)
     mask = ctx.cache.get(x.m, key, lambda: (pool(x.m) > 0).to(x.m.dtype))
-    return Masked(pool(clean(x).a), mask)  # a window without a visible position holds only zeros
+    return Masked(pool(clean_(x, ctx.cache).a), mask)  # a window without a visible position holds only zeros
 
 
 def _is_global(output_size) -> bool:
     return all(s == 1 for s in _pair(output_size))
 
 
-def _masked_mean(x: Masked, keepdim: bool) -> Tensor:
+def visible_sum(x: Masked, axes: Tuple[int, ...], keepdim: bool, cache: Optional[MaskCache] = None) -> Tensor:
+    """Sum of ``x.a`` over its spatial ``axes`` at visible positions only.
+
+    A dirty ``(B, C, H, W)`` map is summed as one batched matrix-vector product with the mask,
+    ``(B, C, HW) @ (B, HW, 1)``: one read of the map instead of zeroing it first (the SE
+    squeeze of every EfficientNet block). Removed values are multiplied by exactly 0, so they
+    still never reach the result.
+    """
+    if (x.dirty and x.layout is None and axes == (2, 3) and x.a.is_contiguous()
+            and not (cache is not None and all_visible(x.m, cache))):
+        b, c, h, w = x.a.shape
+        total = torch.bmm(x.a.view(b, c, h * w), x.m.reshape(b, h * w, 1).to(x.a.dtype))
+        return total.view(b, c, 1, 1) if keepdim else total.view(b, c)
+    x = clean_(x, cache)
+    return x.a.sum(dim=axes, keepdim=keepdim)
+
+
+def _masked_mean(x: Masked, keepdim: bool, cache: Optional[MaskCache] = None) -> Tensor:
     """Mean over visible positions per channel: ``(B, C, 1, 1)`` or ``(B, C)``; 0 when nothing is visible."""
-    x = clean(x)
     count = x.m.sum(dim=(2, 3), keepdim=keepdim).clamp(min=1)
-    return x.a.sum(dim=(2, 3), keepdim=keepdim) / count
+    return visible_sum(x, (2, 3), keepdim, cache) / count
 
 
 def _adaptive_avg_static(node: fx.Node, target: Any) -> bool:
@@ -411,8 +433,8 @@ def _adaptive_avg_static(node: fx.Node, target: Any) -> bool:
 
 def _adaptive_avg(ctx: Ctx, output_size, x: Masked) -> Any:
     if _is_global(output_size):
-        return _masked_mean(x, keepdim=True)  # mask consumed: a plain (B, C, 1, 1) tensor
-    x = clean(x)
+        return _masked_mean(x, keepdim=True, cache=ctx.cache)  # mask consumed: a plain (B, C, 1, 1) tensor
+    x = clean_(x, ctx.cache)
     total = F.adaptive_avg_pool2d(x.a, output_size)
     share = F.adaptive_avg_pool2d(x.m, output_size)
     mask = (share > 0).to(x.m.dtype)
@@ -475,8 +497,7 @@ def _reduce(ctx: Ctx, x: Masked, dims, keepdim: bool, mean: bool, op: str) -> An
     axes, kind = reduce_axes(ctx, op, x, dims)
     if kind == "spatial":
         # Mean over visible positions only (0 when nothing is visible); the mask is consumed.
-        x = clean(x)
-        total = x.a.sum(dim=axes, keepdim=keepdim)
+        total = visible_sum(x, axes, keepdim, ctx.cache)
         if not mean:
             return total
         count = mask_view(x).sum(dim=axes, keepdim=keepdim).clamp(min=1)

@@ -42,6 +42,9 @@ class Ctx:
         # positional arguments of the current op whose tensors nothing else reads (set per step
         # by the converter from the graph): the rule may write its result into them
         self.overwritable: Tuple[int, ...] = ()
+        # ... and those whose tensors nothing else reads nor, without autograd, saves (a conv /
+        # BN output, possibly through activations): the rule may write into them under no_grad
+        self.owned_no_grad: Tuple[int, ...] = ()
 
     def fail(self, op: str, reason: str) -> UserError:
         return UserError(f"layer masking does not support {op} at {self.where}: {reason}")

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from masktrain.errors import UserError
-from masktrain.layer_masking.masked import Masked, clean
+from masktrain.layer_masking.masked import Masked, clean, clean_
 from masktrain.layer_masking.neighbour_padding import neighbour_pad
 from masktrain.layer_masking.ops import _adaptive_avg, _pair, apply_module, masked_conv
 from masktrain.layer_masking.registry import FUNCTION_RULES, MODULE_RULES, Ctx, register_builtin
@@ -47,7 +47,7 @@ def masked_interpolate(ctx: Ctx, x: Masked, **kw: Any) -> Masked:
         return Masked(F.interpolate(x.a, **kw), mask, x.dirty)
     if mode not in RENORMALISED or kw.get("antialias"):
         raise ctx.fail(f"interpolate(mode={mode!r})", f"only modes {NEAREST + RENORMALISED} without antialias")
-    x = clean(x)
+    x = clean_(x)
     share = ctx.cache.get(x.m, key, lambda: F.interpolate(x.m, **kw))
     mask = ctx.cache.get(x.m, key + ("mask",), lambda: (share > 0).to(x.m.dtype))
     scale = ctx.cache.get(x.m, key + ("scale",), lambda: mask / share.clamp(min=1e-12))
@@ -155,7 +155,7 @@ def _conv_function(ctx: Ctx, fn: Any, args: tuple, kwargs: dict) -> Masked:
 def _avg_pool_function(ctx: Ctx, fn: Any, args: tuple, kwargs: dict) -> Masked:
     v = _values(("input", "kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"),
                 args, kwargs)
-    x = clean(v.pop("input"))
+    x = clean_(v.pop("input"))
     key = ("avgpool_f",) + tuple(sorted((k, str(val)) for k, val in v.items()))
     mask = ctx.cache.get(x.m, key, lambda: (fn(x.m, **v) > 0).to(x.m.dtype))
     return Masked(fn(x.a, **v), mask)  # removed positions count as 0 in the average, as for AvgPool2d
@@ -165,7 +165,7 @@ def _max_pool_function(ctx: Ctx, fn: Any, args: tuple, kwargs: dict) -> Masked:
     v = _values(("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"), args, kwargs)
     if v.pop("return_indices", False):
         raise ctx.fail("max_pool2d(return_indices=True)", "indices are not maskable")
-    x = clean(v.pop("input"))
+    x = clean_(v.pop("input"))
     key = ("maxpool_f",) + tuple(sorted((k, str(val)) for k, val in v.items()))
     mask = ctx.cache.get(x.m, key, lambda: fn(x.m, **v))
     return Masked(fn(x.a, **v), mask)  # a window without a visible position holds only zeros
