@@ -17,17 +17,14 @@ from __future__ import annotations
 
 import functools
 import glob
-import warnings
-from types import ModuleType
-from typing import Optional
 
 import torch
 from torch import Tensor
 
 from masktrain.errors import check
+from masktrain.optional_kernels import OptionalKernels
 
-_KERNELS: Optional[ModuleType] = None  # masktrain.erase_kernels once imported
-_KERNELS_FAILED = False
+KERNELS = OptionalKernels("masktrain.erase_kernels", "masktrain.erase", "the dense fill")
 
 
 def boxes_to_keep(boxes: Tensor, size: tuple[int, int], dtype: torch.dtype = torch.float32) -> Tensor:
@@ -48,26 +45,6 @@ def boxes_to_keep(boxes: Tensor, size: tuple[int, int], dtype: torch.dtype = tor
     return (~removed).to(dtype)
 
 
-def _kernels() -> Optional[ModuleType]:
-    """The numba kernels, imported once per process (compiled code is cached on disk); None if unavailable."""
-    global _KERNELS, _KERNELS_FAILED
-    if _KERNELS is not None or _KERNELS_FAILED:
-        return _KERNELS
-    try:
-        from masktrain import erase_kernels
-
-        _KERNELS = erase_kernels
-    except Exception as exc:  # noqa: BLE001 - any import problem means: use the dense path
-        _disable_kernels(exc)
-    return _KERNELS
-
-
-def _disable_kernels(exc: Exception) -> None:
-    global _KERNELS, _KERNELS_FAILED
-    _KERNELS, _KERNELS_FAILED = None, True
-    warnings.warn(f"masktrain.erase: numba kernel unavailable ({exc}); using the dense fill", RuntimeWarning, stacklevel=4)
-
-
 @functools.lru_cache(maxsize=1)
 def last_level_cache_bytes() -> int:
     """Size of the largest CPU cache (Linux sysfs); 32 MiB where it cannot be read."""
@@ -84,7 +61,8 @@ def last_level_cache_bytes() -> int:
 
 def _streaming_supported() -> bool:
     # Measured only on x86-64, so only used there.
-    return _kernels() is not None and _KERNELS.X86
+    kernels = KERNELS.get()
+    return kernels is not None and kernels.X86
 
 
 def _streaming(images: Tensor) -> bool:
@@ -99,7 +77,7 @@ def _can_use_kernel(images: Tensor) -> bool:
         and images.dtype in (torch.float32, torch.float64)
         and images.is_contiguous()
         and not images.requires_grad
-        and _kernels() is not None
+        and KERNELS.get() is not None
     )
 
 
@@ -121,12 +99,12 @@ def erase_(images: Tensor, boxes: Tensor, colour: Tensor) -> Tensor:
         return images
     if _can_use_kernel(images):
         try:
-            _KERNELS.erase_rows(images.view(-1).numpy(), B, C, images.shape[2], images.shape[3],
+            KERNELS.module.erase_rows(images.view(-1).numpy(), B, C, images.shape[2], images.shape[3],
                                 boxes.to(torch.int64).contiguous().numpy(), colour.contiguous().numpy(), _streaming(images))
-        except _KERNELS.NumbaError as exc:
+        except KERNELS.module.NumbaError as exc:
             # numba compiles on first call: a numba/llvmlite that cannot build the kernel fails
             # here, before anything is written. The dense fill gives the same result.
-            _disable_kernels(exc)
+            KERNELS.disable(exc)
             return erase_(images, boxes, colour)
         # The write bypassed torch: tell autograd, so a graph that saved ``images`` raises as
         # it would after any in-place op instead of silently using the erased values.

@@ -51,46 +51,25 @@ combination of visible pixels and clamping changes nothing).
 """
 from __future__ import annotations
 
-import warnings
-from types import ModuleType
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from masktrain.optional_kernels import OptionalKernels
+
 DIRECT, DIAGONAL = 1.0 / 6.0, 1.0 / 12.0
 SOLVERS = ("auto", "torch")
 
-_KERNELS: Optional[ModuleType] = None  # masktrain.noisy_linear_kernels once imported
-_KERNELS_FAILED = False
-
-
-def _kernels() -> Optional[ModuleType]:
-    """The numba solver, imported once per process (compiled code is cached on disk); None if unavailable."""
-    global _KERNELS, _KERNELS_FAILED
-    if _KERNELS is None and not _KERNELS_FAILED:
-        try:
-            from masktrain import noisy_linear_kernels
-
-            _KERNELS = noisy_linear_kernels
-        except Exception as exc:  # noqa: BLE001 - any import problem means: use the torch solver
-            _disable_kernels(exc)
-    return _KERNELS
-
-
-def _disable_kernels(exc: Exception) -> None:
-    global _KERNELS, _KERNELS_FAILED
-    _KERNELS, _KERNELS_FAILED = None, True
-    warnings.warn(f"masktrain.noisy_linear: compiled solver unavailable ({exc}); using the torch solver",
-                  RuntimeWarning, stacklevel=4)
+KERNELS = OptionalKernels("masktrain.noisy_linear_kernels", "masktrain.noisy_linear", "the torch solver")
 
 
 def _solve_compiled(values: Tensor, keep: Tensor, tol: float, max_iter: int, min_side: int) -> Optional[Tensor]:
     """The CPU fast path (:mod:`masktrain.noisy_linear_kernels`): ``values`` ``(n, C, H, W)`` float32/64
     (zero at removed pixels), ``keep`` ``(n, 1, H, W)``, every image with a visible pixel.
     None when the compiled solver is unavailable."""
-    kernels = _kernels()
+    kernels = KERNELS.get()
     if kernels is None:
         return None
     import numba
@@ -106,7 +85,7 @@ def _solve_compiled(values: Tensor, keep: Tensor, tol: float, max_iter: int, min
                             max(2, min_side // 2), kernels.COARSE_SCALE, kernels.COARSEST_SWEEPS,
                             kernels.COARSE_NEED, kernels.SWEEPS, threads)
     except kernels.NumbaError as exc:  # numba compiles on first call; nothing was returned yet
-        _disable_kernels(exc)
+        KERNELS.disable(exc)
         return None
     finally:
         numba.set_num_threads(previous)

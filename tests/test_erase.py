@@ -146,8 +146,8 @@ def test_erase_falls_back_to_the_dense_fill_when_the_kernel_cannot_compile(monke
         raise kernels.NumbaError("cannot lower")
 
     monkeypatch.setattr(kernels, "erase_rows", broken)
-    monkeypatch.setattr(erase, "_KERNELS", kernels)
-    monkeypatch.setattr(erase, "_KERNELS_FAILED", False)
+    monkeypatch.setattr(erase.KERNELS, "module", kernels)
+    monkeypatch.setattr(erase.KERNELS, "failed", False)
     g = step_generator(10, 0, 0)
     images = torch.rand(8, 3, 16, 16, generator=g)
     boxes = rectangle_boxes(8, (16, 16), g, **PARAMS)

@@ -236,3 +236,22 @@ def test_unknown_solver_is_a_user_error():
 
     with pytest.raises(UserError, match="solver"):
         noisy_linear(torch.rand(1, 3, 8, 8), torch.ones(1, 1, 8, 8), solver="spsolve")
+
+
+def test_a_compiled_solver_that_cannot_compile_falls_back_to_the_torch_solver(monkeypatch):
+    kernels = pytest.importorskip("masktrain.noisy_linear_kernels")
+    import masktrain.noisy_linear as nl
+
+    def broken(*args):
+        raise kernels.NumbaError("cannot lower")
+
+    monkeypatch.setattr(kernels, "solve_batch", broken)
+    monkeypatch.setattr(nl.KERNELS, "module", kernels)
+    monkeypatch.setattr(nl.KERNELS, "failed", False)
+    g = step_generator(11, 0, 0)
+    images = torch.rand(2, 3, 24, 24, generator=g)
+    keep = _masks("blob", 2, 24, g)
+    with pytest.warns(RuntimeWarning, match="cannot lower"):
+        out = noisy_linear(images, keep, noise_std=0.0)
+    assert torch.equal(out, noisy_linear(images, keep, noise_std=0.0, solver="torch"))
+    assert nl.KERNELS.get() is None  # from now on the torch solver, without another warning
