@@ -27,7 +27,7 @@ import masktrain.conditions  # noqa: F401  (registers mask.kind=condition)
 from masktrain.masks import MASK_KINDS, RandomKeepMask
 from masktrain.io_utils import atomic_write
 from masktrain.methods import get_method
-from masktrain.wandb_resume import WandbRunId, recorded_run_id
+from masktrain.wandb_resume import WandbRunId, open_resumed_run, recorded_run_id
 
 log = logging.getLogger(__name__)
 _MASK_KEYS = ("method", "kind", "p")
@@ -238,6 +238,7 @@ def train(cfg: DictConfig, run_dir: str | os.PathLike) -> dict[str, float]:
         cfg.trainer, default_root_dir=str(run_dir), callbacks=callbacks, logger=_logger(cfg, run_dir, resume_from, recorded_id),
         plugins=[AtomicCheckpointIO()],
     )
+    open_resumed_run(trainer.loggers, recorded_id if resume_from else None)
     config = OmegaConf.to_container(cfg, resolve=True)
     for logger in trainer.loggers:  # the resolved config as the run's hyperparameters (rank 0 only, by Lightning)
         logger.log_hyperparams(config)

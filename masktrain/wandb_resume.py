@@ -77,3 +77,31 @@ def recorded_run_id(checkpoint: str | os.PathLike, key: str = "ckpt_path") -> st
     state = (ckpt.get("callbacks") or {}).get(STATE_KEY) if isinstance(ckpt, dict) else None
     run_id = (state or {}).get("run_id")
     return str(run_id) if run_id else None
+
+
+def open_resumed_run(loggers: list, run_id: str | None, timeout_s: float = 120.0, poll_s: float = 1.0) -> None:
+    """Start the W&B run of a resumed training run now (rank 0; other ranks return at once), waiting
+    while its id is still held: a run killed a moment ago (SIGKILL, pre-emption, a crashed node
+    restarted in place) leaves its wandb-core service holding the id until the service notices its
+    parent died, and ``wandb.init`` then fails with "run ID ... is in use". Waiting up to
+    ``timeout_s`` is what a user would do by hand; after that, one UserError naming the way out."""
+    import time
+
+    if run_id is None or L.pytorch.utilities.rank_zero_only.rank != 0:
+        return
+    for logger in loggers:
+        if type(logger).__name__ != "WandbLogger":
+            continue
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                logger.experiment  # noqa: B018 - the property starts the run (wandb.init)
+                break
+            except Exception as exc:  # noqa: BLE001 - wandb raises its own error types; only "in use" is waited out
+                if "is in use" not in str(exc):
+                    raise
+                if time.monotonic() > deadline:
+                    raise UserError(f"resume: W&B run {run_id} is still in use by another process after {timeout_s:.0f} s "
+                                    "(an earlier part of this run still running?); stop it, or resume into a new W&B run "
+                                    "with logger.id=<new id>") from None
+                time.sleep(poll_s)

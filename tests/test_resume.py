@@ -72,8 +72,10 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted_run(tmp_path, recip
     # One W&B run: the killed part and the resumed part share its id.
     killed_part, resumed_part = _parts(run_dir)
     first, second = read_offline_run(killed_part, partial=True), read_offline_run(resumed_part)
-    assert first["run"]["id"] == second["run"]["id"] and killed_part.name.endswith(first["run"]["id"])
-    assert second["run"]["name"] == "mask_aug-seed0" and second["config"]["resume"] is True
+    # The killed part's directory is named by its id at wandb.init; its records may be cut short: SIGKILL
+    # gives wandb-core no chance to flush, so only the name is compared.
+    assert killed_part.name.endswith("-" + second["run"]["id"]) and first.get("run", {}).get("id", second["run"]["id"]) == second["run"]["id"]
+    assert second["run"]["name"] == f"{recipe}-seed0" and second["config"]["resume"] is True
     # The step continues from the checkpoint; wandb's own counter only counts up (no explicit, backwards step).
     assert min(_steps(second)) >= saved_step and max(_steps(second)) == STEPS
     assert [h["_step"] for h in second["history"]] == list(range(len(second["history"])))

@@ -12,6 +12,8 @@ import json
 import logging
 from pathlib import Path
 
+import pytest
+
 from omegaconf import OmegaConf
 
 from conftest import TINY
@@ -97,3 +99,39 @@ def test_a_checkpoint_without_a_recorded_id_starts_a_new_wandb_run_with_one_warn
     assert not [r for r in caplog.records if "W&B run id" in r.getMessage()]
     parts = _parts(run_dir)
     assert len(parts) == 2 and {p["run"]["id"] for p in parts} == {new_id}
+
+
+class _HeldRun:
+    """A stand-in WandbLogger whose run id is held by another process for the first ``held`` calls."""
+
+    def __init__(self, held: int) -> None:
+        self.held, self.calls = held, 0
+
+    @property
+    def experiment(self):
+        self.calls += 1
+        if self.calls <= self.held:
+            raise RuntimeError("run ID abc123 is in use")
+        return object()
+
+
+_HeldRun.__name__ = "WandbLogger"
+
+
+def test_a_resumed_run_waits_while_its_id_is_still_in_use_then_says_what_to_do():
+    from masktrain.errors import UserError
+    from masktrain.wandb_resume import open_resumed_run
+
+    logger = _HeldRun(held=2)
+    open_resumed_run([logger], "abc123", timeout_s=10, poll_s=0.01)
+    assert logger.calls == 3  # waited out two refusals, then started the run
+    open_resumed_run([_HeldRun(held=5)], None)  # not a resume: nothing to wait for, nothing started
+    with pytest.raises(UserError, match="abc123 is still in use.*logger.id"):
+        open_resumed_run([_HeldRun(held=10**6)], "abc123", timeout_s=0.05, poll_s=0.01)
+    with pytest.raises(RuntimeError, match="other"):  # any other W&B error is not waited out
+        class Broken(_HeldRun):
+            @property
+            def experiment(self):
+                raise RuntimeError("other failure")
+        Broken.__name__ = "WandbLogger"
+        open_resumed_run([Broken(0)], "abc123", timeout_s=10, poll_s=0.01)
