@@ -28,6 +28,9 @@ FINAL = ("val/acc_clean", "val/acc_masked", "test/acc_clean", "test/acc_masked")
 
 def _start(run_dir, recipe, *extra):
     env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE="offline")
+    # In-process W&B tests earlier in the session export WANDB_SERVICE; a child that inherits it joins
+    # pytest's wandb-core, which keeps the killed run's id registered as long as pytest lives.
+    env.pop("WANDB_SERVICE", None)
     cmd = [sys.executable, str(REPO / "train.py"), f"recipe={recipe}", *ARGS, f"hydra.run.dir={run_dir}", *extra]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
 
