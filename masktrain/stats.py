@@ -185,9 +185,14 @@ def mcnemar(a: np.ndarray, b: np.ndarray) -> float:
     return float(binomtest(only_a, only_a + only_b, 0.5, alternative="two-sided").pvalue)
 
 
+def _p_array(p_values: Sequence[float]) -> np.ndarray:
+    """p-values as float64; a missing or non-finite p counts as 1 (no evidence), so it never rejects."""
+    return np.asarray([1.0 if v is None or not np.isfinite(v) else float(v) for v in p_values], dtype=np.float64)
+
+
 def holm(p_values: Sequence[float]) -> list[float]:
     """Holm step-down adjusted p-values (family-wise error), in the input order."""
-    p = np.asarray([1.0 if v is None or not np.isfinite(v) else float(v) for v in p_values], dtype=np.float64)
+    p = _p_array(p_values)
     m = len(p)
     if m == 0:
         return []
@@ -200,7 +205,7 @@ def holm(p_values: Sequence[float]) -> list[float]:
 
 def benjamini_hochberg(p_values: Sequence[float]) -> list[float]:
     """Benjamini–Hochberg adjusted p-values (q-values; false-discovery rate), in the input order."""
-    p = np.asarray([1.0 if v is None or not np.isfinite(v) else float(v) for v in p_values], dtype=np.float64)
+    p = _p_array(p_values)
     m = len(p)
     if m == 0:
         return []
