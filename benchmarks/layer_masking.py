@@ -4,6 +4,7 @@
     python benchmarks/layer_masking.py --threads 2 --repeats 5 --batch 8 --size 224
     python benchmarks/layer_masking.py --archs resnet50 --backward resnet50
     python benchmarks/layer_masking.py --device cuda --arch resnet50 --batch 64 --precision fp32 bf16   # GPU, both precisions
+    python benchmarks/layer_masking.py --paper-path /path/layer_masking   # also the paper's own forks (benchmarks/paper_forks.py)
 
 For each of ``--archs`` (default ResNet-50, EfficientNet-B0, DenseNet-121, ConvNeXt-T) it
 times the forward pass (eval, no_grad) of ``layer_mask(model)`` and of the plain model on
@@ -22,6 +23,10 @@ the masked model's extra (short) ops far more than the plain model's long convol
 ratios there; compare against a baseline only within one run or back-to-back runs.
 ``--clock process`` times each call in CPU time of this process (with ``--threads 1``),
 which leaves out the time other processes hold the core.
+
+``--paper-path`` (a checkout of SriramB-98/layer_masking) adds, for ResNet-50, EfficientNet-B0
+and DenseNet-121, the paper's own fork beside masktrain on the torchvision twin of each model,
+same batch and mask, interleaved (:mod:`paper_forks`).
 """
 from __future__ import annotations
 
@@ -30,12 +35,16 @@ import contextlib
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 import timm
 import torch
 
 from masktrain.layer_masking import layer_mask
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import paper_forks  # noqa: E402  (a sibling benchmark module, not part of the package)
 
 
 def _sync(device: torch.device) -> None:
@@ -163,6 +172,8 @@ def main() -> None:
                         help="wall (default) or process: CPU time of this process, which leaves out the time "
                              "the scheduler gives other processes on a shared machine (meaningful with --threads 1; "
                              "with more threads it also counts OpenMP spin-waiting)")
+    parser.add_argument("--paper-path", type=Path, default=None,
+                        help="a checkout of SriramB-98/layer_masking: also time the paper's forks (fp32, eval)")
     args = parser.parse_args()
     global CLOCK
     if args.clock == "process":
@@ -173,10 +184,19 @@ def main() -> None:
     print(f"batch {args.batch}, {args.size}², device {device}"
           f"{'' if device.type == 'cuda' else f', {args.threads} threads'}, {args.repeats} pairs, random 16x16 patches, "
           f"{args.clock} clock")
+    if args.paper_path is not None:
+        paper_forks.check_paper_path(args.paper_path)  # a wrong path fails before minutes of timing
     results = {(arch, p): bench_arch(arch, args, device, arch in args.backward, p) for arch in args.archs for p in args.precision}
+    g = torch.Generator().manual_seed(0)
+    batch = (torch.randn(args.batch, 3, args.size, args.size, generator=g).to(device),
+             _patch_keep(args.batch, args.size, 16, g).to(device))
+    paper = paper_forks.compare_all(args.archs, args.paper_path, batch, args.repeats, lambda fn: _timed(fn, device))
     print("summary (masked / plain, median of pairs):")
     for (arch, p), r in results.items():
         print(f"  {arch:<18} {p:<5} " + "   ".join(f"{k} {v:.3f}x" for k, v in r.items()))
+    for arch, r in paper.items():
+        print(f"  {arch:<18} torchvision: masktrain {r['masktrain']:.3f}x   paper's fork {r['paper']:.3f}x   "
+              f"paper / masktrain {r['paper_over_masktrain']:.2f}x   logits rel. difference {r['rel_err']:.1e}")
 
 
 if __name__ == "__main__":
