@@ -70,3 +70,14 @@ def test_shape_masks_equals_each_shape_alone():
     out = shape_masks(names, u, v)
     for i, name in enumerate(names):
         assert np.array_equal(out[i], SHAPES[name](u[i], v[i]))
+
+
+def test_a_subclass_that_renders_its_own_samples_is_fetched_one_by_one():
+    class Inverted(CuesDataset):
+        def __getitem__(self, index):
+            image, label, mask = super().__getitem__(index)
+            return 1 - image, label, mask
+
+    ds = Inverted("test", length=8)
+    images, _, _ = next(iter(DataLoader(ds, batch_size=8)))
+    assert torch.equal(images, torch.stack([ds[i][0] for i in range(8)]))

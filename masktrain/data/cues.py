@@ -304,7 +304,10 @@ class CuesDataset(torch.utils.data.Dataset):
     def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
         """The DataLoader's batched fetch (torch calls it when a dataset defines it): the samples
         ``[self[i] for i in indices]``, bit for bit, rendered as one batch (:meth:`render_batch`);
-        a list of ``(image, label, mask)`` as the default collate expects."""
+        a list of ``(image, label, mask)`` as the default collate expects. A subclass that
+        renders samples its own way (overrides ``__getitem__`` or ``sample``) is fetched one by one."""
+        if type(self).__getitem__ is not CuesDataset.__getitem__ or type(self).sample is not CuesDataset.sample:
+            return [self[i] for i in indices]
         images, labels, masks = self.render_batch(indices)
         images = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
         masks = torch.from_numpy(np.ascontiguousarray(masks[:, None]))
