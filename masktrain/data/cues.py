@@ -34,11 +34,12 @@ changed, for cue analysis (:mod:`masktrain.data.cue_eval`):
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import numpy as np
 import torch
 
-from masktrain.data.shapes import SHAPES, SPLITS, smooth_background
+from masktrain.data.shapes import SHAPES, SPLITS, background_grid, shape_masks, upsample_backgrounds
 from masktrain.errors import check, check_range
 
 #: Class outlines, in class order (the disk, ellipse, hexagon and semicircle are left out:
@@ -148,8 +149,9 @@ class CuesDataset(torch.utils.data.Dataset):
         t = (self._gx * math.cos(angle) + self._gy * math.sin(angle)) / period + phase
         return (0.5 + 0.5 * np.sin(2 * math.pi * t)).astype(np.float32)
 
-    def _draw(self, index: int) -> dict:
-        """Every random choice of sample ``index`` (the variants re-render these)."""
+    def _draw(self, index: int, upsample: bool = True) -> dict:
+        """Every random choice of sample ``index`` (the variants re-render these). ``upsample=False``
+        leaves ``bg`` as None and the background's grid in ``grid`` (the batch upsamples all at once)."""
         if not 0 <= index < self.length:
             raise IndexError(index)
         rng = self._rng(index)
@@ -158,11 +160,12 @@ class CuesDataset(torch.utils.data.Dataset):
         r = rng.uniform(*self.radius)
         cx, cy = rng.uniform(r, 1 - r, size=2)
         theta = rng.uniform(0, 2 * math.pi)
-        bg = smooth_background(rng, self.image_size, self.background_cells)
+        grid = background_grid(rng, self.background_cells)
         phase = rng.random()
+        bg = upsample_backgrounds(grid, self.image_size)[0] if upsample else None
         return {"rng": rng, "label": label, "outline": int(self._outline_of[label, variant]),
                 "texture": int(self._texture_of[label, variant]), "r": r, "cx": cx, "cy": cy,
-                "theta": theta, "bg": bg, "phase": phase}
+                "theta": theta, "grid": grid, "bg": bg, "phase": phase}
 
     def _conflict_outline(self, index: int, label: int, texture: int) -> tuple[int, int]:
         """``(outline, outline class B)`` for the cue-conflict variant: an outline of a class B ≠ A
@@ -182,12 +185,28 @@ class CuesDataset(torch.utils.data.Dataset):
         u, v = c * du + s * dv, -s * du + c * dv
         return SHAPES[shape](u, v).astype(np.float32)
 
-    def cues(self, index: int) -> dict:
-        """The cues of sample ``index`` as rendered by this dataset's variant:
-        ``{"label", "outline", "texture", "outline_class", "content_class"}`` — outline/texture are
-        cue indices (``None`` when neutral), ``outline_class``/``content_class`` the class whose
-        cue it is (B and A in ``cue_conflict``; equal to ``label`` otherwise, ``None`` when neutral)."""
-        d = self._draw(index)
+    def _masks(self, draws: list[dict], shapes: list[str]) -> np.ndarray:
+        """:meth:`_mask` of a batch, ``(B, H, W)`` float32: the same elementwise operations in the
+        same order on ``(B, H, W)`` arrays, so each row has the bits of its own :meth:`_mask`
+        (cos/sin stay per-sample Python scalars: numpy's vector sin may round differently)."""
+        col = lambda key: np.array([d[key] for d in draws], dtype=np.float64)[:, None, None]
+        cx, cy, r = col("cx"), col("cy"), col("r")
+        c = np.array([math.cos(d["theta"]) for d in draws])[:, None, None]
+        s = np.array([math.sin(d["theta"]) for d in draws])[:, None, None]
+        du, dv = (self._gx - cx) / r, (self._gy - cy) / r
+        u, v = c * du + s * dv, -s * du + c * dv
+        return shape_masks(shapes, u, v).astype(np.float32)
+
+    def _colours(self, rng: np.random.Generator, under: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The grating's two colours ``(3,)`` float32: redrawn until they contrast with each other
+        and their mean with ``under`` (the background's mean colour under the clean object)."""
+        for _ in range(64):
+            c1, c2 = rng.random(3).astype(np.float32), rng.random(3).astype(np.float32)
+            if np.linalg.norm(c1 - c2) >= self.texture_contrast and np.linalg.norm((c1 + c2) / 2 - under) >= self.min_contrast:
+                break
+        return c1, c2
+
+    def _cues_of(self, index: int, d: dict) -> dict:
         label, outline, texture = d["label"], d["outline"], d["texture"]
         outline_class, content_class = label, label
         if self.variant == "content_only":
@@ -198,19 +217,26 @@ class CuesDataset(torch.utils.data.Dataset):
             outline, outline_class = self._conflict_outline(index, label, texture)
         return {"label": label, "outline": outline, "texture": texture, "outline_class": outline_class, "content_class": content_class}
 
+    def cues(self, index: int) -> dict:
+        """The cues of sample ``index`` as rendered by this dataset's variant:
+        ``{"label", "outline", "texture", "outline_class", "content_class"}`` — outline/texture are
+        cue indices (``None`` when neutral), ``outline_class``/``content_class`` the class whose
+        cue it is (B and A in ``cue_conflict``; equal to ``label`` otherwise, ``None`` when neutral)."""
+        return self._cues_of(index, self._draw(index, upsample=False))
+
+    def _shape_of(self, cue: dict) -> str:
+        return NEUTRAL_OUTLINE if cue["outline"] is None else self.outlines[cue["outline"]]
+
     def _render(self, index: int, with_object: bool = True) -> tuple[np.ndarray, int, np.ndarray]:
+        """One sample, rendered alone: the reference :meth:`render_batch` must match bit for bit."""
         d = self._draw(index)
         rng, bg = d["rng"], d["bg"]
-        cue = self.cues(index) if self.variant != "clean" else {"outline": d["outline"], "texture": d["texture"]}
-        shape = NEUTRAL_OUTLINE if cue["outline"] is None else self.outlines[cue["outline"]]
+        cue = self._cues_of(index, d)
         # The colours are drawn against the *clean* mask so every variant of a sample has the same colours.
         clean = self._mask(d, self.outlines[d["outline"]])
         under = (bg * clean).sum(axis=(1, 2)) / max(clean.sum(), 1.0)
-        for _ in range(64):
-            c1, c2 = rng.random(3).astype(np.float32), rng.random(3).astype(np.float32)
-            if np.linalg.norm(c1 - c2) >= self.texture_contrast and np.linalg.norm((c1 + c2) / 2 - under) >= self.min_contrast:
-                break
-        mask = self._mask(d, shape)
+        c1, c2 = self._colours(rng, under)
+        mask = self._mask(d, self._shape_of(cue))
         if not with_object:
             return bg, d["label"], mask
         if cue["texture"] is None:
@@ -221,6 +247,53 @@ class CuesDataset(torch.utils.data.Dataset):
         image = bg * (1 - mask) + obj * mask
         return image, d["label"], mask
 
+    def render_batch(self, indices: Sequence[int], with_object: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Samples ``indices`` rendered together: images ``(B, 3, H, W)`` float32, labels ``(B,)``
+        int64, object masks ``(B, H, W)`` float32 — row ``i`` bit-identical to ``_render(indices[i])``.
+
+        Every random draw still comes from the sample's own generator, in the same order; the
+        pixel work (background upsampling, outline tests, gratings, compositing) runs once over
+        the batch. The background's mean colour under the object (which decides the colour
+        redraws) is summed per sample, as in :meth:`_render`, so its rounding cannot differ.
+        """
+        indices = [int(i) for i in indices]
+        draws = [self._draw(i, upsample=False) for i in indices]
+        cues = [self._cues_of(i, d) for i, d in zip(indices, draws)]
+        labels = np.array([d["label"] for d in draws], dtype=np.int64)
+        bg = upsample_backgrounds(np.concatenate([d["grid"] for d in draws]), self.image_size)
+        clean_shapes = [self.outlines[d["outline"]] for d in draws]
+        shapes = [self._shape_of(c) for c in cues]
+        clean = self._masks(draws, clean_shapes)
+        mask = clean if shapes == clean_shapes else self._masks(draws, shapes)
+        c1 = np.empty((len(draws), 3), dtype=np.float32)
+        c2 = np.empty_like(c1)
+        for i, d in enumerate(draws):
+            under = (bg[i] * clean[i]).sum(axis=(1, 2)) / max(clean[i].sum(), 1.0)
+            c1[i], c2[i] = self._colours(d["rng"], under)
+        if not with_object:
+            return bg, labels, mask
+        obj = np.empty_like(bg)
+        textured = np.array([c["texture"] is not None for c in cues])
+        if (~textured).any():
+            obj[~textured] = ((c1[~textured] + c2[~textured]) / 2)[:, :, None, None]
+        if textured.any():
+            rows = np.flatnonzero(textured)
+            g = self._textures([cues[i]["texture"] for i in rows], [draws[i]["phase"] for i in rows])[:, None]
+            obj[rows] = c1[rows, :, None, None] * (1 - g) + c2[rows, :, None, None] * g
+        m = mask[:, None]
+        return bg * (1 - m) + obj * m, labels, mask
+
+    def _textures(self, textures: list[int], phases: list[float]) -> np.ndarray:
+        """:meth:`texture` of a batch, ``(B, H, W)``; angles' cos/sin per sample as there."""
+        n_orient = math.ceil(self.num_classes / 2)
+        angles = [math.pi * (m // 2) / n_orient for m in textures]
+        ca = np.array([math.cos(a) for a in angles])[:, None, None]
+        sa = np.array([math.sin(a) for a in angles])[:, None, None]
+        period = np.array([self.periods[m % 2] for m in textures])[:, None, None]
+        phase = np.array(phases, dtype=np.float64)[:, None, None]
+        t = (self._gx * ca + self._gy * sa) / period + phase
+        return (0.5 + 0.5 * np.sin(2 * math.pi * t)).astype(np.float32)
+
     def sample(self, index: int) -> tuple[torch.Tensor, int, torch.Tensor]:
         image, label, mask = self._render(index)
         return torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)), label, torch.from_numpy(mask[None])
@@ -228,9 +301,26 @@ class CuesDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, torch.Tensor]:
         return self.sample(index)
 
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, int, torch.Tensor]]:
+        """The DataLoader's batched fetch (torch calls it when a dataset defines it): the samples
+        ``[self[i] for i in indices]``, bit for bit, rendered as one batch (:meth:`render_batch`);
+        a list of ``(image, label, mask)`` as the default collate expects. A subclass that
+        renders samples its own way (overrides ``__getitem__`` or ``sample``) is fetched one by one."""
+        if type(self).__getitem__ is not CuesDataset.__getitem__ or type(self).sample is not CuesDataset.sample:
+            return [self[i] for i in indices]
+        images, labels, masks = self.render_batch(indices)
+        images = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+        masks = torch.from_numpy(np.ascontiguousarray(masks[:, None]))
+        return [(images[i], int(labels[i]), masks[i]) for i in range(len(labels))]
+
     def background(self, index: int) -> torch.Tensor:
         """Sample ``index``'s background without its object ``(3, H, W)`` (the probes' ``background`` donor)."""
         bg, _, _ = self._render(index, with_object=False)
+        return torch.from_numpy(np.ascontiguousarray(bg, dtype=np.float32))
+
+    def backgrounds(self, indices: Sequence[int]) -> torch.Tensor:
+        """:meth:`background` of many samples at once, ``(B, 3, H, W)``, bit-identical per row."""
+        bg, _, _ = self.render_batch(indices, with_object=False)
         return torch.from_numpy(np.ascontiguousarray(bg, dtype=np.float32))
 
     def outline_classes(self, outline: int) -> np.ndarray:

@@ -72,12 +72,38 @@ SHAPES: dict[str, Shape] = {
 SPLITS = {"train": 0, "val": 1, "test": 2}
 
 
+def background_grid(rng: np.random.Generator, cells: int) -> np.ndarray:
+    """The random part of :func:`smooth_background`: a ``(1, 3, cells, cells)`` float32 grid
+    of uniform colours (one ``rng.random`` draw)."""
+    return rng.random((1, 3, cells, cells), dtype=np.float32)
+
+
+def upsample_backgrounds(grids: np.ndarray, size: int) -> np.ndarray:
+    """Grids ``(B, 3, cells, cells)`` bicubically upsampled to backgrounds ``(B, 3, size, size)``
+    in [0, 1]. Every output pixel depends only on its own grid, so a batch gives each sample
+    the same bits as upsampling it alone (tests/test_cues_batched.py checks this)."""
+    bg = F.interpolate(torch.from_numpy(grids), size=(size, size), mode="bicubic", align_corners=False).numpy()
+    # numpy's clip, not torch's clamp_: the same min/max bits, but no parallel region (a
+    # batch is large enough for torch to wake its threads, which costs more than the clip).
+    return np.clip(bg, 0, 1, out=bg)
+
+
 def smooth_background(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
     """Class-independent smooth colour noise ``(3, size, size)`` in [0, 1]: a ``cells``² grid of
     uniform colours, bicubically upsampled (one ``rng.random`` draw)."""
-    grid = rng.random((1, 3, cells, cells), dtype=np.float32)
-    bg = F.interpolate(torch.from_numpy(grid), size=(size, size), mode="bicubic", align_corners=False)
-    return bg[0].clamp_(0, 1).numpy()
+    return upsample_backgrounds(background_grid(rng, cells), size)[0]
+
+
+def shape_masks(names: list[str], u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Inside-tests of a batch: ``names[i]`` evaluated on ``u[i], v[i]`` (``(B, H, W)`` canonical
+    coordinates), as bool ``(B, H, W)``. One call per distinct shape over all its samples (the
+    tests are elementwise, so each sample's bits equal a call on it alone)."""
+    out = np.zeros(u.shape, dtype=bool)
+    names_arr = np.asarray(names)
+    for name in dict.fromkeys(names):
+        rows = np.flatnonzero(names_arr == name)
+        out[rows] = SHAPES[name](u[rows], v[rows])
+    return out
 
 
 class ShapesDataset(Dataset):
