@@ -352,14 +352,20 @@ def _paper_padding(a: torch.Tensor, mask: torch.Tensor, rounds: int) -> torch.Te
 @pytest.mark.parametrize("shape, chunk_bytes", [((6, 5, 30, 29), 4 << 20), ((6, 5, 30, 29), 9000),
                                                  ((6, 5, 30, 29), 60000), ((6, 40, 9, 11), 1000)])
 @pytest.mark.parametrize("dirty, in_place", [(False, False), (True, False), (True, True)])
-def test_neighbour_padding_fast_paths_equal_the_paper_loop(monkeypatch, shape, chunk_bytes, dirty, in_place):
+@pytest.mark.parametrize("compiled", [True, False])
+def test_neighbour_padding_fast_paths_equal_the_paper_loop(monkeypatch, shape, chunk_bytes, dirty, in_place, compiled):
     """Under no_grad the padding skips images it cannot change (all visible, all removed), zeroes dirty
-    values only where it pads, and works in chunks (channel blocks of one image, runs of images); with
-    autograd it pads the whole map. Both give the paper's fills wherever a visible output can read them."""
+    values only where it pads, and works in chunks (channel blocks of one image, runs of images) or
+    in the compiled kernel; with autograd it pads the whole map. All give the paper's fills wherever a
+    visible output can read them."""
     from masktrain.layer_masking import neighbour_padding as npad
     from masktrain.layer_masking.masked import MaskCache
 
     monkeypatch.setattr(npad, "CHUNK_BYTES", chunk_bytes)
+    if compiled:
+        pytest.importorskip("masktrain.layer_masking.padding_kernels")
+    else:
+        _torch_padding_only(monkeypatch)
     b, c, h, w = shape
     g = torch.Generator().manual_seed(c * h)
     mask = (torch.rand(b, 1, h, w, generator=g) > 0.6).double()
@@ -380,6 +386,111 @@ def test_neighbour_padding_fast_paths_equal_the_paper_loop(monkeypatch, shape, c
     torch.testing.assert_close(fast[[0, 3, 4, 5]], ref[[0, 3, 4, 5]], rtol=1e-12, atol=1e-9)  # padded images: exact
     slow = npad.neighbour_pad(garbage.clone().requires_grad_(), mask, rounds, MaskCache(), dirty=dirty)
     torch.testing.assert_close(slow.detach() * reach, ref * reach, rtol=1e-12, atol=1e-9)
+
+
+def _torch_padding_only(monkeypatch) -> None:
+    from masktrain.layer_masking import neighbour_padding as npad
+
+    monkeypatch.setattr(npad.KERNELS, "module", None)
+    monkeypatch.setattr(npad.KERNELS, "failed", True)
+
+
+def _counting_kernel(monkeypatch) -> list:
+    """Use the compiled padding and record the shape of every map it pads."""
+    kernels = pytest.importorskip("masktrain.layer_masking.padding_kernels")
+    from masktrain.layer_masking import neighbour_padding as npad
+
+    calls, real = [], kernels.pad_nchw
+
+    def counted(a, *args):
+        calls.append(a.shape)
+        return real(a, *args)
+
+    monkeypatch.setattr(kernels, "pad_nchw", counted)
+    monkeypatch.setattr(npad.KERNELS, "module", kernels)
+    monkeypatch.setattr(npad.KERNELS, "failed", False)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compiled_neighbour_padding_equals_the_torch_path_bit_for_bit(monkeypatch, dtype):
+    """The compiled padding adds in the torch shifted-add path's order, so it gives the same bits, on odd
+    sizes, single rows/columns, 1 to 4 rounds, dirty or clean, in place or not; channels-last maps,
+    non-contiguous maps and small maps with many channels are left to torch."""
+    from masktrain.layer_masking import neighbour_padding as npad
+    from masktrain.layer_masking.masked import MaskCache
+
+    cases = [((5, 3, 31, 27), 2), ((4, 12, 29, 33), 3), ((3, 2, 1, 40), 2), ((3, 2, 40, 1), 1),
+             ((2, 7, 57, 55), 4), ((6, 9, 28, 28), 1), ((2, 1, 2, 2), 2)]
+    g = torch.Generator().manual_seed(8)
+    outs = {}
+    for compiled in (True, False):
+        with monkeypatch.context() as patch:
+            calls = _counting_kernel(patch) if compiled else _torch_padding_only(patch)
+            for i, ((b, c, h, w), rounds) in enumerate(cases):
+                g.manual_seed(i)
+                mask = (torch.rand(b, 1, h, w, generator=g) > 0.55).to(dtype)
+                mask[0] = 1
+                a = torch.randn(b, c, h, w, generator=g, dtype=dtype)
+                for dirty in (False, True):
+                    for in_place in (False, True):
+                        x = (a + (1 - mask) * 1e3) if dirty else a * mask
+                        with torch.no_grad():
+                            outs[compiled, i, dirty, in_place] = npad.neighbour_pad(
+                                x.clone(), mask, rounds, MaskCache(), in_place=in_place, dirty=dirty)
+            if compiled:
+                assert len(calls) == 4 * len(cases)
+                mask = (torch.rand(2, 1, 30, 30, generator=g) > 0.5).to(dtype)
+                clean = torch.randn(2, 16, 30, 30, dtype=dtype) * mask
+                with torch.no_grad():
+                    for x, m in ((clean.to(memory_format=torch.channels_last), mask), (clean[:, ::2], mask),
+                                 (clean[..., :9, :9].contiguous(), mask[..., :9, :9].contiguous())):
+                        npad.neighbour_pad(x, m, 2, MaskCache(), in_place=True)
+                assert len(calls) == 4 * len(cases)  # none of these three took the kernel
+    for (compiled, *key), out in outs.items():
+        if compiled:
+            assert torch.equal(out, outs[(False, *key)]), key
+
+
+def test_compiled_padding_in_a_model_equals_the_torch_path(monkeypatch):
+    """Convs with strides, dilations, 3×3 to 7×7 kernels, depthwise and not, NCHW and channels-last
+    input: the layer-masked model under no_grad gives the same bits with or without the kernel."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(), nn.Conv2d(6, 12, 3, padding=2, dilation=2), nn.BatchNorm2d(12),
+        nn.ReLU(), nn.Conv2d(12, 12, 5, stride=2, padding=2, groups=12), nn.ReLU(),
+        nn.Conv2d(12, 5, 7, padding=3), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    x = torch.randn(3, 3, 61, 61)
+    keep = _patch_keep(3, 64, 8, seed=2, dtype=torch.float32)[..., :61, :61].contiguous()
+    masked = layer_mask(model)
+    outs = []
+    for compiled in (True, False):
+        with monkeypatch.context() as patch, torch.no_grad():
+            calls = _counting_kernel(patch) if compiled else _torch_padding_only(patch)
+            outs.append([masked(x, keep), masked(x.to(memory_format=torch.channels_last), keep)])
+            if compiled:
+                assert len(calls) >= 4
+    assert all(torch.equal(k, t) for k, t in zip(*outs))
+
+
+def test_compiled_padding_that_cannot_compile_falls_back_to_the_torch_path(monkeypatch):
+    kernels = pytest.importorskip("masktrain.layer_masking.padding_kernels")
+    from masktrain.layer_masking import neighbour_padding as npad
+    from masktrain.layer_masking.masked import MaskCache
+
+    def broken(*args):
+        raise kernels.NumbaError("cannot lower")
+
+    monkeypatch.setattr(kernels, "pad_nchw", broken)
+    monkeypatch.setattr(npad.KERNELS, "module", kernels)
+    monkeypatch.setattr(npad.KERNELS, "failed", False)
+    mask = (torch.rand(2, 1, 30, 30) > 0.5).float()
+    a = torch.randn(2, 4, 30, 30) * mask
+    with torch.no_grad():
+        with pytest.warns(RuntimeWarning, match="cannot lower"):
+            out = npad.neighbour_pad(a, mask, 2, MaskCache())
+        assert npad.KERNELS.get() is None  # from now on the torch path, without another warning
+        torch.testing.assert_close(out, _paper_padding(a, mask, 2), rtol=1e-5, atol=1e-5)
 
 
 def test_visible_sum_of_a_dirty_map_ignores_removed_values():
