@@ -74,8 +74,13 @@ def _solve_compiled(values: Tensor, keep: Tensor, tol: float, max_iter: int, min
         return None
     import numba
 
-    values = values.contiguous()
-    removed = (keep[:, 0] < 0.5).to(torch.uint8).contiguous()
+    n, C, H, W = values.shape
+    removed = (keep[:, 0] < 0.5).to(torch.uint8)
+    groups = -(-C // 3)
+    if C != 3:  # the kernels are written for 3 channels: other counts go in zero-padded groups of 3
+        values = F.pad(values, (0, 0, 0, 0, 0, 3 * groups - C)).view(n * groups, 3, H, W)
+        removed = removed.repeat_interleave(groups, 0)
+    values, removed = values.contiguous(), removed.contiguous()
     out = torch.empty_like(values)
     threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     previous = numba.get_num_threads()
@@ -89,7 +94,7 @@ def _solve_compiled(values: Tensor, keep: Tensor, tol: float, max_iter: int, min
         return None
     finally:
         numba.set_num_threads(previous)
-    return out
+    return out if C == 3 else out.view(n, 3 * groups, H, W)[:, :C]
 
 
 def _neighbour_sum(x: Tensor) -> Tensor:
