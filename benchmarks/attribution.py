@@ -6,7 +6,8 @@
     python benchmarks/attribution.py --skip-road --lime-images 2        # LIME part only
 
 Part 1 (imputation): a batch of ``--batch`` random images at ``--size``² with random-patch
-(ROAD-like scattered 4x4 patches, 50%), blob (~40%) and rectangle masks. ROAD's imputer
+(ROAD-like scattered 4x4 patches, 50%), blob (~40%) and rectangle masks (``--kinds`` adds one
+big square hole, thin lines, 98% removed and isolated single-pixel holes). ROAD's imputer
 (``road.imputations.NoisyLinearImputer(noise=0)``, imported from ``--road-path`` at run time,
 never copied here) solves each image on the CPU with scipy's ``spsolve``; ours solves the
 whole batch at once: on a CPU with the compiled solver (``solver=auto``, numba) and with the
@@ -43,6 +44,20 @@ def masks(kind: str, n: int, size: int, g: torch.Generator) -> torch.Tensor:
         return (up > up.flatten(1).quantile(0.4, dim=1).view(n, 1, 1, 1)).float()
     if kind == "rectangles":
         return make_keep_masks("rectangles", n, (size, size), g, count=2, area=(0.15, 0.35))
+    keep = torch.ones(n, 1, size, size)
+    if kind == "square":  # one big hole, 56%: the deepest interior
+        keep[..., size // 8: size - size // 8, size // 8: size - size // 8] = 0
+        return keep
+    if kind == "lines":  # 1-px lines every 5th row and 7th column
+        keep[..., ::5, :] = 0
+        keep[..., :, 2::7] = 0
+        return keep
+    if kind == "almost_all":  # 98% removed
+        keep = (torch.rand(n, 1, size, size, generator=g) > 0.98).float()
+        keep[..., 0, 0] = 1
+        return keep
+    if kind == "tiny":  # isolated single-pixel holes, 20%
+        return (torch.rand(n, 1, size, size, generator=g) > 0.2).float()
     raise ValueError(kind)
 
 
@@ -146,7 +161,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--size", type=int, default=224)
-    p.add_argument("--kinds", default="patches,blob,rectangles")
+    p.add_argument("--kinds", default="patches,blob,rectangles",
+                   help="mask kinds: patches, blob, rectangles (the issue's), square, lines, almost_all, tiny")
     p.add_argument("--road-images", type=int, default=16, help="images ROAD solves (its time is per image)")
     p.add_argument("--tol", type=float, default=2e-6)
     p.add_argument("--solvers", default="auto,torch/multigrid",

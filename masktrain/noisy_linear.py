@@ -33,15 +33,18 @@ of its neighbours — is at most ``tol``. With ``tol=2e-6`` (default) the result
 own imputer (noise 0) at 224² to at most 2.6e-5 (compiled) and 4.3e-5 (torch multigrid) max abs
 error on random patches, blobs and two rectangles covering ~40% (benchmarks/attribution.py);
 the error grows about 10-25x ``tol`` (``tol=1e-5``: 1.4e-4, one CG iteration fewer), so the
-default keeps a wide margin under the 1e-3 goal. The tests check both solvers against a direct
-sparse solve.
+default keeps a wide margin under the 1e-3 goal (at most 1.3e-5 on a big square hole, thin
+lines, 98% removed and single-pixel holes at 32²-224²; the tests hold those to 2e-4). The tests
+check both solvers against a direct sparse solve.
 
-Speed on a CPU (AMD EPYC, 2 cores, AVX-512, heavily shared: load average ~10, 2026-12-02;
-batch 16 at 224², ROAD timed per image as its users call it, side by side in one run; see
-README "Attribution under masking"): the compiled solver is 13-17x faster per image than ROAD
-at 1 thread and 15-28x at 2 threads (ROAD spends most of its time building its sparse system),
-the torch solver 2-3x at 1 thread and 0.5-0.9x at 2 threads. The 50x goal is not met on this
-machine. The torch solver is meant for a GPU, where it has not been measured (no GPU was available).
+Speed on a CPU (AMD EPYC, 2 cores, AVX2, shared with other jobs: load average 6.4-8.2,
+2026-12-02; batch 16 at 224², ROAD timed per image as its users call it, side by side in one
+run of ``benchmarks/attribution.py``; see README "Speed of noisy_linear"): the compiled solver
+is 10-24x faster per image than ROAD at 1 thread on patches, blobs and rectangles, 16-60x on
+a big square hole, thin lines, 98% removed and single-pixel holes (ROAD spends most of its
+time building its sparse system). The 50x goal is not met on the issue's masks. The torch
+solver was 2-3x ROAD at 1 thread in an earlier session (AVX-512 machine); it is meant for a
+GPU, where it has not been measured (no GPU was available).
 
 Two deliberate differences from ROAD, both outside its defined cases: an image with no
 visible pixel (ROAD's matrix is singular there) gets the fallback colour, and with
@@ -74,8 +77,13 @@ def _solve_compiled(values: Tensor, keep: Tensor, tol: float, max_iter: int, min
         return None
     import numba
 
-    values = values.contiguous()
-    removed = (keep[:, 0] < 0.5).to(torch.uint8).contiguous()
+    n, C, H, W = values.shape
+    removed = (keep[:, 0] < 0.5).to(torch.uint8)
+    groups = -(-C // 3)
+    if C != 3:  # the kernels are written for 3 channels: other counts go in zero-padded groups of 3
+        values = F.pad(values, (0, 0, 0, 0, 0, 3 * groups - C)).view(n * groups, 3, H, W)
+        removed = removed.repeat_interleave(groups, 0)
+    values, removed = values.contiguous(), removed.contiguous()
     out = torch.empty_like(values)
     threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     previous = numba.get_num_threads()
@@ -89,7 +97,7 @@ def _solve_compiled(values: Tensor, keep: Tensor, tol: float, max_iter: int, min
         return None
     finally:
         numba.set_num_threads(previous)
-    return out
+    return out if C == 3 else out.view(n, 3 * groups, H, W)[:, :C]
 
 
 def _neighbour_sum(x: Tensor) -> Tensor:

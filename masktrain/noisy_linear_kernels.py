@@ -6,20 +6,25 @@ rule (scaled residual ``max_i |r_i| / D_i <= tol``), with the same method family
 gradients preconditioned by a geometric multigrid V-cycle — but on the compact set of removed
 pixels only, with every stencil fused into one loop:
 
-- each image gets its multigrid hierarchy once and solves its ``C`` channels with it (the
+- each image gets its multigrid hierarchy once and solves its 3 channels with it (the
   operator is the same for all channels); images run in parallel (``prange``);
 - every level is a zero-bordered flat array of side ``(H + 2) x (W + 2)`` plus the list of its
   unknowns (removed pixels / coarse cells), so a stencil is 8 loads at fixed offsets with no
   bounds checks and the loops visit only unknowns;
 - the smoother is Gauss-Seidel (forward before the coarse correction, backward after it, so
   the V-cycle is symmetric and CG applies): 6-8 CG iterations at 224² where the torch solver's
-  damped-Jacobi cycle needs 10-30.
+  damped-Jacobi cycle needs 10-30;
+- the loops are written out for 3 channels (other counts are padded by the caller) with scalar
+  accumulators, and the smoother works in float32 with the neighbour just written kept in a
+  register: 1.3-1.5x faster than the first version, which kept per-channel accumulators in
+  arrays (a store and a load per unknown) and promoted every update to float64.
 
 Why this exists: the torch solver makes ~10 full-image passes over memory per stencil; at
 224² on a CPU that made it slower than ROAD's direct solve (benchmarks/attribution.py). Here a
-stencil is one loop over the unknowns: 13-28x faster than ROAD per image on 2 shared cores
-(README, "Speed of noisy_linear"). What is left is latency-bound: each Gauss-Seidel update
-reads the one just written, so the loops are scalar.
+stencil is one loop over the unknowns: 10-24x faster than ROAD per image at 1 thread on the
+issue's masks (AMD EPYC, 2 cores, AVX2, shared, load 6-8; README, "Speed of noisy_linear").
+What is left is the scalar Gauss-Seidel sweep (~12 ns per unknown for 3 channels there): each
+update reads the one just written, so it does one pixel per instruction.
 """
 from __future__ import annotations
 
@@ -40,6 +45,9 @@ SWEEPS, COARSE_SCALE, COARSE_NEED, COARSEST_SWEEPS = 2, 1.0, 4, 4
 # Storage of the iterates (dot products and the stopping test accumulate in float64): float32 halves
 # the memory traffic of every stencil; its rounding (~1e-7 on values in [0, 1]) is far below tol.
 FLOAT = np.float32
+# the stencil weights in FLOAT: the smoother's arithmetic stays in float32 (a float64 constant would
+# promote every update and put two conversions on its dependency chain)
+F_DIRECT, F_DIAGONAL = FLOAT(DIRECT), FLOAT(DIAGONAL)
 
 
 @numba.njit(cache=True, inline="always")
@@ -54,6 +62,13 @@ def _nsum_c(v, k, c, wp):
     """:func:`_nsum` of channel ``c`` of ``v`` ``(pixels, C)``."""
     return ((v[k - 1, c] + v[k + 1, c] + v[k - wp, c] + v[k + wp, c]) * DIRECT
             + (v[k - wp - 1, c] + v[k - wp + 1, c] + v[k + wp - 1, c] + v[k + wp + 1, c]) * DIAGONAL)
+
+
+@numba.njit(cache=True, inline="always")
+def _nsum32(v, k, c, wp):
+    """:func:`_nsum_c` in float32 (for the multigrid cycle; CG's operator keeps float64)."""
+    return ((v[k - 1, c] + v[k + 1, c] + v[k - wp, c] + v[k + wp, c]) * F_DIRECT
+            + (v[k - wp - 1, c] + v[k - wp + 1, c] + v[k + wp - 1, c] + v[k + wp + 1, c]) * F_DIAGONAL)
 
 
 @numba.njit(cache=True)
@@ -112,44 +127,59 @@ def _coarsen(removed, h, w, need):
 
 @numba.njit(cache=True)
 def _gs(e, r, idx, dinv, wp, forward):
-    """One Gauss-Seidel sweep over the unknowns ``idx`` for all channels of ``e``/``r`` ``(pixels, C)``."""
-    n, C = idx.size, e.shape[1]
-    if C == 3:  # RGB written out: the three channels' updates are independent and overlap
-        for s in range(n):
-            t = s if forward else n - 1 - s
-            k = idx[t]
-            dv = dinv[t]
-            e0 = (r[k, 0] + _nsum_c(e, k, 0, wp)) * dv
-            e1 = (r[k, 1] + _nsum_c(e, k, 1, wp)) * dv
-            e2 = (r[k, 2] + _nsum_c(e, k, 2, wp)) * dv
-            e[k, 0] = e0
-            e[k, 1] = e1
-            e[k, 2] = e2
-        return
+    """One Gauss-Seidel sweep over the unknowns ``idx`` for the 3 channels of ``e``/``r`` ``(pixels, 3)``
+    (``e`` zero off the unknowns), written for latency: each update depends on the one before it only
+    through the neighbour just written (left in a forward sweep, right in a backward one), which is
+    kept in a register and added last, in float32. The other 7 neighbours and ``r`` are summed first,
+    off the dependency chain (the chain is one multiply-add and a multiply instead of a store-to-load
+    forward, three adds and two float64 conversions)."""
+    n = idx.size
+    zero = np.float32(0.0)
+    a0, a1, a2 = zero, zero, zero
+    last = -2
     for s in range(n):
         t = s if forward else n - 1 - s
         k = idx[t]
-        for c in range(C):
-            e[k, c] = (r[k, c] + _nsum_c(e, k, c, wp)) * dinv[t]
+        far = k + 1 if forward else k - 1  # the horizontal neighbour not yet updated in this sweep
+        # the other horizontal neighbour was updated just before when it is an unknown (then it is the
+        # previous entry of the row-major list); otherwise it is off the unknowns, where e is zero
+        cont = last == (k - 1 if forward else k + 1)
+        dv = dinv[t]
+        u = k - wp
+        d = k + wp
+        s0 = r[k, 0] + F_DIRECT * (e[far, 0] + e[u, 0] + e[d, 0]) + F_DIAGONAL * (
+            e[u - 1, 0] + e[u + 1, 0] + e[d - 1, 0] + e[d + 1, 0])
+        s1 = r[k, 1] + F_DIRECT * (e[far, 1] + e[u, 1] + e[d, 1]) + F_DIAGONAL * (
+            e[u - 1, 1] + e[u + 1, 1] + e[d - 1, 1] + e[d + 1, 1])
+        s2 = r[k, 2] + F_DIRECT * (e[far, 2] + e[u, 2] + e[d, 2]) + F_DIAGONAL * (
+            e[u - 1, 2] + e[u + 1, 2] + e[d - 1, 2] + e[d + 1, 2])
+        a0 = (s0 + F_DIRECT * (a0 if cont else zero)) * dv
+        a1 = (s1 + F_DIRECT * (a1 if cont else zero)) * dv
+        a2 = (s2 + F_DIRECT * (a2 if cont else zero)) * dv
+        e[k, 0] = a0
+        e[k, 1] = a1
+        e[k, 2] = a2
+        last = k
 
 
 @numba.njit(cache=True)
 def _vcycle(r0, e0, idxs, dinvs, parents, shapes, es, rs, coarse_scale, coarsest_sweeps, sweeps):
-    """``e0`` := one symmetric V-cycle from zero for ``A e = r0``, every channel (arrays ``(pixels, C)``;
+    """``e0`` := one symmetric V-cycle from zero for ``A e = r0``, all 3 channels (arrays ``(pixels, 3)``;
     level 0 arrays are ``r0``/``e0``, coarser ones ``rs[l]``/``es[l]``).
 
     Level ``l``: unknowns ``idxs[l]`` (flat bordered indices), their inverse diagonals ``dinvs[l]``,
     and the coarse cell of each unknown ``parents[l]`` (not for the coarsest)."""
     nl = len(idxs)
-    C = r0.shape[1]
+    zero = FLOAT(0.0)
     for lev in range(nl):
         wp = shapes[lev][1] + 2
         idx, dinv = idxs[lev], dinvs[lev]
         r = r0 if lev == 0 else rs[lev]
         e = e0 if lev == 0 else es[lev]
         for k in idx:
-            for c in range(C):
-                e[k, c] = 0.0
+            e[k, 0] = zero
+            e[k, 1] = zero
+            e[k, 2] = zero
         if lev == nl - 1:
             for _ in range(coarsest_sweeps):
                 _gs(e, r, idx, dinv, wp, True)
@@ -160,13 +190,17 @@ def _vcycle(r0, e0, idxs, dinvs, parents, shapes, es, rs, coarse_scale, coarsest
         # restriction P^T of the residual: a coarse cell gets the sum of its children's residuals
         rc, par = rs[lev + 1], parents[lev]
         for k in idxs[lev + 1]:
-            for c in range(C):
-                rc[k, c] = 0.0
+            rc[k, 0] = zero
+            rc[k, 1] = zero
+            rc[k, 2] = zero
         for t in range(idx.size):
             k, kc = idx[t], par[t]
+            dg = FLOAT(1.0) / dinv[t]
             # a coarse cell that is not an unknown collects a sum too; it is never read
-            for c in range(C):
-                rc[kc, c] += r[k, c] - (e[k, c] / dinv[t] - _nsum_c(e, k, c, wp))
+            rc[kc, 0] += r[k, 0] - (e[k, 0] * dg - _nsum32(e, k, 0, wp))
+            rc[kc, 1] += r[k, 1] - (e[k, 1] * dg - _nsum32(e, k, 1, wp))
+            rc[kc, 2] += r[k, 2] - (e[k, 2] * dg - _nsum32(e, k, 2, wp))
+    cs = FLOAT(coarse_scale)
     for lev in range(nl - 2, -1, -1):
         wp = shapes[lev][1] + 2
         idx, dinv, par = idxs[lev], dinvs[lev], parents[lev]
@@ -175,8 +209,9 @@ def _vcycle(r0, e0, idxs, dinvs, parents, shapes, es, rs, coarse_scale, coarsest
         ec = es[lev + 1]
         for t in range(idx.size):  # piecewise-constant prolongation (ec is zero off the coarse unknowns)
             k, kc = idx[t], par[t]
-            for c in range(C):
-                e[k, c] += coarse_scale * ec[kc, c]
+            e[k, 0] += cs * ec[kc, 0]
+            e[k, 1] += cs * ec[kc, 1]
+            e[k, 2] += cs * ec[kc, 2]
         for _ in range(sweeps):  # backward Gauss-Seidel: the cycle is symmetric
             _gs(e, r, idx, dinv, wp, False)
 
@@ -248,67 +283,78 @@ def _solve_image(values, removed2d, out, tol, max_iter, coarse_scale, coarsest_s
     z[:] = 0.0  # z and p are read by stencils: zero off this image's unknowns
     p[:] = 0.0
     idx, dinv = idxs[0], dinvs[0]
+    dg = diags[0][idx]  # float64: CG's operator and dot products stay in float64
     n = idx.size
     for c in range(C):
         for i in range(H):
             for j in range(W):
                 v[(i + 1) * wp + j + 1, c] = 0.0 if removed2d[i, j] else values[c, i, j]
                 out[c, i, j] = values[c, i, j]
-    for k in idx:
-        for c in range(C):
-            r[k, c] = _nsum_c(v, k, c, wp)  # b: the visible neighbours' weighted sum; x starts at 0
-            x[k, c] = 0.0
-    _vcycle(r, z, idxs, dinvs, parents, shapes[:nl], es[:nl], rs[:nl], coarse_scale, coarsest_sweeps, sweeps)
-    rz = np.zeros(C)
-    pq = np.zeros(C)
-    alpha = np.zeros(C)
-    worst = np.zeros(C)
-    active = np.ones(C, np.bool_)
-    for k in idx:
-        for c in range(C):
-            p[k, c] = z[k, c]
-            rz[c] += r[k, c] * z[k, c]
+    # The loops below are written out for the 3 channels with scalar accumulators: an accumulator in an
+    # array would go through memory on every unknown (a store-to-load chain), as the first version did.
+    w0, w1, w2 = 0.0, 0.0, 0.0  # the scaled residual max |r_i| / D_i per channel (the stopping rule)
+    for t in range(n):
+        k = idx[t]
+        b0, b1, b2 = _nsum_c(v, k, 0, wp), _nsum_c(v, k, 1, wp), _nsum_c(v, k, 2, wp)
+        r[k, 0], r[k, 1], r[k, 2] = b0, b1, b2  # b: the visible neighbours' weighted sum; x starts at 0
+        x[k, 0], x[k, 1], x[k, 2] = 0.0, 0.0, 0.0
+        w0, w1, w2 = max(w0, abs(b0) / dg[t]), max(w1, abs(b1) / dg[t]), max(w2, abs(b2) / dg[t])
+    act0, act1, act2 = w0 > tol, w1 > tol, w2 > tol
     it = 0
-    while it < max_iter:
-        worst[:] = 0.0
-        for t in range(n):
-            k = idx[t]
-            for c in range(C):
-                a = abs(r[k, c]) * dinv[t]
-                if a > worst[c]:
-                    worst[c] = a
-        any_active = False
-        for c in range(C):
-            active[c] = active[c] and worst[c] > tol
-            any_active = any_active or active[c]
-        if not any_active:
-            break
-        pq[:] = 0.0
-        for t in range(n):
-            k = idx[t]
-            for c in range(C):
-                q[k, c] = p[k, c] / dinv[t] - _nsum_c(p, k, c, wp)
-                pq[c] += p[k, c] * q[k, c]
-        for c in range(C):
-            # a converged channel stops moving; pq <= 0 only once its residual is at rounding level
-            alpha[c] = rz[c] / pq[c] if active[c] and pq[c] > 0.0 else 0.0
-        for k in idx:
-            for c in range(C):
-                x[k, c] += alpha[c] * p[k, c]
-                r[k, c] -= alpha[c] * q[k, c]
+    if act0 or act1 or act2:
         _vcycle(r, z, idxs, dinvs, parents, shapes[:nl], es[:nl], rs[:nl], coarse_scale, coarsest_sweeps, sweeps)
-        for c in range(C):
-            pq[c] = rz[c]  # the old <r, z>
-            rz[c] = 0.0
-        for k in idx:
-            for c in range(C):
-                rz[c] += r[k, c] * z[k, c]
-        for c in range(C):
-            alpha[c] = rz[c] / pq[c] if pq[c] > 0.0 else 0.0  # beta
-        for k in idx:
-            for c in range(C):
-                p[k, c] = z[k, c] + alpha[c] * p[k, c]
+    rz0, rz1, rz2 = 0.0, 0.0, 0.0
+    for k in idx:
+        p[k, 0], p[k, 1], p[k, 2] = z[k, 0], z[k, 1], z[k, 2]
+        rz0 += float(r[k, 0]) * z[k, 0]
+        rz1 += float(r[k, 1]) * z[k, 1]
+        rz2 += float(r[k, 2]) * z[k, 2]
+    while it < max_iter and (act0 or act1 or act2):
+        pq0, pq1, pq2 = 0.0, 0.0, 0.0
+        for t in range(n):  # q = A p and <p, q>
+            k = idx[t]
+            d = dg[t]
+            p0, p1, p2 = float(p[k, 0]), float(p[k, 1]), float(p[k, 2])
+            q0 = p0 * d - _nsum_c(p, k, 0, wp)
+            q1 = p1 * d - _nsum_c(p, k, 1, wp)
+            q2 = p2 * d - _nsum_c(p, k, 2, wp)
+            q[k, 0], q[k, 1], q[k, 2] = q0, q1, q2
+            pq0 += p0 * q0
+            pq1 += p1 * q1
+            pq2 += p2 * q2
+        # a converged channel stops moving; pq <= 0 only once its residual is at rounding level
+        al0 = rz0 / pq0 if act0 and pq0 > 0.0 else 0.0
+        al1 = rz1 / pq1 if act1 and pq1 > 0.0 else 0.0
+        al2 = rz2 / pq2 if act2 and pq2 > 0.0 else 0.0
+        w0, w1, w2 = 0.0, 0.0, 0.0
+        for t in range(n):  # x += alpha p, r -= alpha q, and the stopping test on the new r
+            k = idx[t]
+            x[k, 0] += al0 * p[k, 0]
+            x[k, 1] += al1 * p[k, 1]
+            x[k, 2] += al2 * p[k, 2]
+            r0 = r[k, 0] - al0 * q[k, 0]
+            r1 = r[k, 1] - al1 * q[k, 1]
+            r2 = r[k, 2] - al2 * q[k, 2]
+            r[k, 0], r[k, 1], r[k, 2] = r0, r1, r2
+            w0, w1, w2 = max(w0, abs(r0) * dinv[t]), max(w1, abs(r1) * dinv[t]), max(w2, abs(r2) * dinv[t])
         it += 1
+        act0, act1, act2 = act0 and w0 > tol, act1 and w1 > tol, act2 and w2 > tol
+        if not (act0 or act1 or act2) or it >= max_iter:
+            break
+        _vcycle(r, z, idxs, dinvs, parents, shapes[:nl], es[:nl], rs[:nl], coarse_scale, coarsest_sweeps, sweeps)
+        o0, o1, o2 = rz0, rz1, rz2
+        rz0, rz1, rz2 = 0.0, 0.0, 0.0
+        for k in idx:
+            rz0 += float(r[k, 0]) * z[k, 0]
+            rz1 += float(r[k, 1]) * z[k, 1]
+            rz2 += float(r[k, 2]) * z[k, 2]
+        be0 = rz0 / o0 if o0 > 0.0 else 0.0
+        be1 = rz1 / o1 if o1 > 0.0 else 0.0
+        be2 = rz2 / o2 if o2 > 0.0 else 0.0
+        for k in idx:
+            p[k, 0] = z[k, 0] + be0 * p[k, 0]
+            p[k, 1] = z[k, 1] + be1 * p[k, 1]
+            p[k, 2] = z[k, 2] + be2 * p[k, 2]
     for k in idx:
         i, j = k // wp - 1, k % wp - 1
         for c in range(C):
@@ -318,7 +364,8 @@ def _solve_image(values, removed2d, out, tol, max_iter, coarse_scale, coarsest_s
 
 @numba.njit(cache=True, parallel=True)
 def solve_batch(values, removed, out, tol, max_iter, min_side, coarse_scale, coarsest_sweeps, need, sweeps, workers):
-    """The whole batch: ``values``/``out`` ``(B, C, H, W)`` float32 or float64, ``removed`` ``(B, H, W)``
+    """The whole batch: ``values``/``out`` ``(B, 3, H, W)`` float32 or float64 (the loops are written out for
+    3 channels; :func:`masktrain.noisy_linear._solve_compiled` pads other channel counts), ``removed`` ``(B, H, W)``
     uint8 (every image with at least one visible pixel). Returns the CG iteration count per image.
 
     ``workers`` (the thread count) workers, each with its own workspace, take every ``workers``-th image."""

@@ -170,6 +170,65 @@ def test_compiled_and_torch_solvers_agree(kind):
         assert np.abs(fast[i].double().numpy() - ref).max() < 1e-4, kind
 
 
+def _hard_keep(kind, n, h, w, g):
+    """Keep masks ``(n, 1, h, w)`` of kinds the benchmark's three do not cover."""
+    keep = torch.ones(n, 1, h, w)
+    if kind == "square":  # one big hole: the slowest to converge (the far interior is deep)
+        keep[..., h // 8: h - h // 8, w // 8: w - w // 8] = 0
+    elif kind == "lines":  # 1-px lines, rows and columns
+        keep[..., ::5, :] = 0
+        keep[..., :, 2::7] = 0
+    elif kind == "almost_all":  # 98% removed: a few scattered visible pixels
+        keep = (torch.rand(n, 1, h, w, generator=g) > 0.98).float()
+        keep[..., 0, 0] = 1
+    elif kind == "tiny":  # isolated single-pixel holes
+        keep = (torch.rand(n, 1, h, w, generator=g) > 0.2).float()
+    else:
+        raise ValueError(kind)
+    return keep
+
+
+HARD_KINDS = ["square", "lines", "almost_all", "tiny"]
+
+
+@pytest.mark.parametrize("shape", [(32, 32), (64, 64), (40, 72)])
+@pytest.mark.parametrize("kind", HARD_KINDS)
+def test_other_masks_and_sizes_match_a_direct_solve_with_margin(kind, shape):
+    """The 1e-3 goal with a 5x margin (2e-4) on masks and sizes outside the benchmark's three."""
+    g = step_generator(14, 0, 0)
+    images = torch.rand(2, 3, *shape, generator=g)
+    keep = _hard_keep(kind, 2, *shape, g)
+    out = noisy_linear(images, keep, noise_std=0.0)
+    for i in range(2):
+        ref = direct_solve(images[i].double().numpy(), keep[i, 0].numpy())
+        assert np.abs(out[i].double().numpy() - ref).max() <= 2e-4, (kind, shape)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", HARD_KINDS)
+def test_other_masks_at_224_match_a_direct_solve_with_margin(kind):
+    g = step_generator(15, 0, 0)
+    images = torch.rand(1, 3, 224, 224, generator=g)
+    keep = _hard_keep(kind, 1, 224, 224, g)
+    out = noisy_linear(images, keep, noise_std=0.0)
+    ref = direct_solve(images[0].double().numpy(), keep[0, 0].numpy())
+    assert np.abs(out[0].double().numpy() - ref).max() <= 2e-4, kind
+
+
+@pytest.mark.parametrize("channels", [1, 2, 4])
+def test_the_compiled_solver_handles_any_channel_count(channels):
+    """Its loops are written for 3 channels; other counts are padded to groups of 3."""
+    pytest.importorskip("numba")
+    g = step_generator(16, 0, 0)
+    images = torch.rand(2, channels, 24, 20, generator=g)
+    keep = _masks("rectangles", 2, 24, g)[..., :20]
+    out = noisy_linear(images, keep, noise_std=0.0)
+    assert out.shape == images.shape
+    for i in range(2):
+        ref = direct_solve(images[i].double().numpy(), keep[i, 0].numpy())
+        assert np.abs(out[i].double().numpy() - ref).max() < 1e-4, channels
+
+
 @pytest.mark.parametrize("solver", ["auto", "torch"])
 @pytest.mark.parametrize("shape", [(1, 9), (7, 1), (2, 2), (3, 5), (17, 33)])
 def test_small_and_thin_images_match_a_direct_solve(solver, shape):
