@@ -53,6 +53,11 @@ def test_the_datamodule_train_loader_fetches_in_batches(monkeypatch):
     dm = MaskDataModule(lambda split: CuesDataset(split, length=64), batch_size=16, num_workers=0)
     images, labels, masks = next(iter(dm.train_dataloader()))
     assert calls == [16] and images.shape == (16, 3, 32, 32) and masks.shape == (16, 1, 32, 32) and labels.shape == (16,)
+    # ... and yields what one-by-one fetching in the shuffle's order gives (the batches a run trained on before).
+    ds, order = dm.dataset("train"), list(iter(dm.train_dataloader().sampler))[:16]
+    ref = [ds[i] for i in order]
+    assert torch.equal(images, torch.stack([r[0] for r in ref])) and torch.equal(masks, torch.stack([r[2] for r in ref]))
+    assert labels.tolist() == [r[1] for r in ref]
 
 
 def test_out_of_range_index_raises_like_one_sample():

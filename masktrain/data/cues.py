@@ -193,8 +193,15 @@ class CuesDataset(torch.utils.data.Dataset):
         cx, cy, r = col("cx"), col("cy"), col("r")
         c = np.array([math.cos(d["theta"]) for d in draws])[:, None, None]
         s = np.array([math.sin(d["theta"]) for d in draws])[:, None, None]
-        du, dv = (self._gx - cx) / r, (self._gy - cy) / r
-        u, v = c * du + s * dv, -s * du + c * dv
+        # In place (same operations, same order, fewer (B, H, W) temporaries: half the time).
+        du = np.subtract(self._gx, cx)
+        du /= r
+        dv = np.subtract(self._gy, cy)
+        dv /= r
+        u = c * du
+        u += s * dv
+        v = -s * du
+        v += c * dv
         return shape_masks(shapes, u, v).astype(np.float32)
 
     def _colours(self, rng: np.random.Generator, under: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -291,8 +298,15 @@ class CuesDataset(torch.utils.data.Dataset):
         sa = np.array([math.sin(a) for a in angles])[:, None, None]
         period = np.array([self.periods[m % 2] for m in textures])[:, None, None]
         phase = np.array(phases, dtype=np.float64)[:, None, None]
-        t = (self._gx * ca + self._gy * sa) / period + phase
-        return (0.5 + 0.5 * np.sin(2 * math.pi * t)).astype(np.float32)
+        t = self._gx * ca  # in place, in texture()'s order: ((gx·cos + gy·sin) / period + phase) · 2π
+        t += self._gy * sa
+        t /= period
+        t += phase
+        t *= 2 * math.pi
+        np.sin(t, out=t)
+        t *= 0.5
+        t += 0.5
+        return t.astype(np.float32)
 
     def sample(self, index: int) -> tuple[torch.Tensor, int, torch.Tensor]:
         image, label, mask = self._render(index)
