@@ -37,11 +37,11 @@ default keeps a wide margin under the 1e-3 goal (at most 1.3e-5 on a big square 
 lines, 98% removed and single-pixel holes at 32²-224²; the tests hold those to 2e-4). The tests
 check both solvers against a direct sparse solve.
 
-Speed on a CPU (AMD EPYC, 2 cores, AVX2, shared with other jobs: load average 6.4-8.2,
-2026-12-02; batch 16 at 224², ROAD timed per image as its users call it, side by side in one
-run of ``benchmarks/attribution.py``; see README "Speed of noisy_linear"): the compiled solver
-is 10-24x faster per image than ROAD at 1 thread on patches, blobs and rectangles, 16-60x on
-a big square hole, thin lines, 98% removed and single-pixel holes (ROAD spends most of its
+Speed on a CPU (AMD EPYC, 2 cores, AVX2, quiet, 2026-12-02; batch 16 at 224², ROAD timed per
+image as its users call it, side by side in one run of ``benchmarks/attribution.py``; see README
+"Speed of noisy_linear"): the compiled solver is 16-27x faster per image than ROAD at 1 thread
+and 26-34x at 2 threads on patches, blobs and rectangles; 26-57x on a big square hole, thin
+lines and 98% removed, 7-12x on single-pixel holes (where ROAD is fast: ROAD spends most of its
 time building its sparse system). The 50x goal is not met on the issue's masks. The torch
 solver was 2-3x ROAD at 1 thread in an earlier session (AVX-512 machine); it is meant for a
 GPU, where it has not been measured (no GPU was available).

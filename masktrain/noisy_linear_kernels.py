@@ -21,8 +21,8 @@ pixels only, with every stencil fused into one loop:
 
 Why this exists: the torch solver makes ~10 full-image passes over memory per stencil; at
 224² on a CPU that made it slower than ROAD's direct solve (benchmarks/attribution.py). Here a
-stencil is one loop over the unknowns: 10-24x faster than ROAD per image at 1 thread on the
-issue's masks (AMD EPYC, 2 cores, AVX2, shared, load 6-8; README, "Speed of noisy_linear").
+stencil is one loop over the unknowns: 16-27x faster than ROAD per image at 1 thread on the
+issue's masks (AMD EPYC, 2 cores, AVX2, quiet; README, "Speed of noisy_linear").
 What is left is the scalar Gauss-Seidel sweep (~12 ns per unknown for 3 channels there): each
 update reads the one just written, so it does one pixel per instruction.
 """
