@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from masktrain.optional_kernels import OptionalKernels
+from masktrain.optional_kernels import OptionalKernels, numba_threads_like_torch
 
 DIRECT, DIAGONAL = 1.0 / 6.0, 1.0 / 12.0
 SOLVERS = ("auto", "torch")
@@ -75,8 +75,6 @@ def _solve_compiled(values: Tensor, keep: Tensor, tol: float, max_iter: int, min
     kernels = KERNELS.get()
     if kernels is None:
         return None
-    import numba
-
     n, C, H, W = values.shape
     removed = (keep[:, 0] < 0.5).to(torch.uint8)
     groups = -(-C // 3)
@@ -85,18 +83,14 @@ def _solve_compiled(values: Tensor, keep: Tensor, tol: float, max_iter: int, min
         removed = removed.repeat_interleave(groups, 0)
     values, removed = values.contiguous(), removed.contiguous()
     out = torch.empty_like(values)
-    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    previous = numba.get_num_threads()
-    numba.set_num_threads(threads)  # follow torch's thread setting, as the torch solver would
     try:
-        kernels.solve_batch(values.numpy(), removed.numpy(), out.numpy(), float(tol), int(max_iter),
-                            max(2, min_side // 2), kernels.COARSE_SCALE, kernels.COARSEST_SWEEPS,
-                            kernels.COARSE_NEED, kernels.SWEEPS, threads)
+        with numba_threads_like_torch() as threads:
+            kernels.solve_batch(values.numpy(), removed.numpy(), out.numpy(), float(tol), int(max_iter),
+                                max(2, min_side // 2), kernels.COARSE_SCALE, kernels.COARSEST_SWEEPS,
+                                kernels.COARSE_NEED, kernels.SWEEPS, threads)
     except kernels.NumbaError as exc:  # numba compiles on first call; nothing was returned yet
         KERNELS.disable(exc)
         return None
-    finally:
-        numba.set_num_threads(previous)
     return out if C == 3 else out.view(n, 3 * groups, H, W)[:, :C]
 
 

@@ -7,10 +7,13 @@ torch solver).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import warnings
 from types import ModuleType
-from typing import Optional
+from typing import Iterator, Optional
+
+import torch
 
 
 class OptionalKernels:
@@ -34,3 +37,18 @@ class OptionalKernels:
         self.module, self.failed = None, True
         warnings.warn(f"{self.owner}: compiled kernels unavailable ({exc}); using {self.fallback}",
                       RuntimeWarning, stacklevel=4)
+
+
+@contextlib.contextmanager
+def numba_threads_like_torch() -> Iterator[int]:
+    """numba's thread count set to torch's (capped by numba's pool) for the block, as a torch path
+    would run; yields that count and restores numba's own setting afterwards."""
+    import numba
+
+    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    previous = numba.get_num_threads()
+    numba.set_num_threads(threads)
+    try:
+        yield threads
+    finally:
+        numba.set_num_threads(previous)

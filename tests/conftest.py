@@ -36,3 +36,14 @@ def run_cli(script: str, args: list[str], cwd: Path, timeout: int = 300) -> subp
     return subprocess.run(
         [sys.executable, str(REPO / script), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env
     )
+
+
+def break_kernel(monkeypatch, holder, kernels, name: str) -> None:
+    """Make compiled kernel ``kernels.<name>`` fail as numba does when it cannot compile, with the
+    ``OptionalKernels`` ``holder`` freshly loaded: the caller's next call must warn once and fall back."""
+    def broken(*args):
+        raise kernels.NumbaError("cannot lower")
+
+    monkeypatch.setattr(kernels, name, broken)
+    monkeypatch.setattr(holder, "module", kernels)
+    monkeypatch.setattr(holder, "failed", False)

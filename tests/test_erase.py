@@ -1,4 +1,5 @@
 import pytest
+from conftest import break_kernel
 import torch
 
 from masktrain import erase
@@ -142,12 +143,7 @@ def test_erase_streams_only_batches_larger_than_the_cache(monkeypatch):
 def test_erase_falls_back_to_the_dense_fill_when_the_kernel_cannot_compile(monkeypatch):
     kernels = pytest.importorskip("masktrain.erase_kernels")
 
-    def broken(*args):
-        raise kernels.NumbaError("cannot lower")
-
-    monkeypatch.setattr(kernels, "erase_rows", broken)
-    monkeypatch.setattr(erase.KERNELS, "module", kernels)
-    monkeypatch.setattr(erase.KERNELS, "failed", False)
+    break_kernel(monkeypatch, erase.KERNELS, kernels, "erase_rows")
     g = step_generator(10, 0, 0)
     images = torch.rand(8, 3, 16, 16, generator=g)
     boxes = rectangle_boxes(8, (16, 16), g, **PARAMS)

@@ -5,6 +5,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+from conftest import break_kernel
 import timm
 import torch
 import torchvision
@@ -478,12 +479,7 @@ def test_compiled_padding_that_cannot_compile_falls_back_to_the_torch_path(monke
     from masktrain.layer_masking import neighbour_padding as npad
     from masktrain.layer_masking.masked import MaskCache
 
-    def broken(*args):
-        raise kernels.NumbaError("cannot lower")
-
-    monkeypatch.setattr(kernels, "pad_nchw", broken)
-    monkeypatch.setattr(npad.KERNELS, "module", kernels)
-    monkeypatch.setattr(npad.KERNELS, "failed", False)
+    break_kernel(monkeypatch, npad.KERNELS, kernels, "pad_nchw")
     mask = (torch.rand(2, 1, 30, 30) > 0.5).float()
     a = torch.randn(2, 4, 30, 30) * mask
     with torch.no_grad():

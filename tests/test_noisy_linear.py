@@ -1,6 +1,7 @@
 """noisy_linear: ROAD's noisy linear imputation, against a sparse direct solve written here."""
 import numpy as np
 import pytest
+from conftest import break_kernel
 import torch
 
 from masktrain.fills import fill
@@ -301,12 +302,7 @@ def test_a_compiled_solver_that_cannot_compile_falls_back_to_the_torch_solver(mo
     kernels = pytest.importorskip("masktrain.noisy_linear_kernels")
     import masktrain.noisy_linear as nl
 
-    def broken(*args):
-        raise kernels.NumbaError("cannot lower")
-
-    monkeypatch.setattr(kernels, "solve_batch", broken)
-    monkeypatch.setattr(nl.KERNELS, "module", kernels)
-    monkeypatch.setattr(nl.KERNELS, "failed", False)
+    break_kernel(monkeypatch, nl.KERNELS, kernels, "solve_batch")
     g = step_generator(11, 0, 0)
     images = torch.rand(2, 3, 24, 24, generator=g)
     keep = _masks("blob", 2, 24, g)

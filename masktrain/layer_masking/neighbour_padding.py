@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from masktrain.layer_masking.masked import MaskCache
-from masktrain.optional_kernels import OptionalKernels
+from masktrain.optional_kernels import OptionalKernels, numba_threads_like_torch
 
 KERNELS = OptionalKernels("masktrain.layer_masking.padding_kernels", "masktrain.layer_masking neighbour padding",
                           "the torch padding")
@@ -149,34 +149,27 @@ def _pad_compiled(a: Tensor, mask: Tensor, rounds: int, needed: List[int], coeff
                   dirty: bool) -> bool:
     """Pad ``a`` in place with the compiled kernel (:mod:`.padding_kernels`); False when it does not apply.
 
-    It takes the maps the torch path would run as shifted adds (NCHW-contiguous float32/64, at least
-    28² positions or at most 8 channels), where it gives the same bits; on smaller maps torch's
-    depthwise conv sums in another order, and oneDNN is fast there anyway.
+    Called only for the maps the torch path would run as shifted adds (where it gives the same bits; on
+    smaller maps torch's depthwise conv sums in another order, and oneDNN is fast there anyway), and of
+    those it takes the C-contiguous float32/64 ones.
     """
-    batch, channels, h, w = a.shape
-    if (a.dtype not in (torch.float32, torch.float64) or not a.is_contiguous() or mask.dtype != a.dtype
-            or not (channels <= SEPARABLE_MAX_CHANNELS or h * w >= SHIFTED_MIN_POSITIONS)):
+    if a.dtype not in (torch.float32, torch.float64) or not a.is_contiguous() or mask.dtype != a.dtype:
         return False
     kernels = KERNELS.get()
     if kernels is None:
         return False
-    import numba
 
     def stacked():
         return (torch.stack([c[:, 0] for c in coeffs]).contiguous(), mask[:, 0].contiguous(),
                 torch.tensor(needed, dtype=torch.int64))
 
     c, m, n = cache.get(mask, ("fill_stacked", rounds), stacked)
-    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    previous = numba.get_num_threads()
-    numba.set_num_threads(threads)  # follow torch's thread setting, as the torch path would
     try:
-        kernels.pad_nchw(a.detach().numpy(), m.detach().numpy(), c.detach().numpy(), n.numpy(), dirty)
+        with numba_threads_like_torch():
+            kernels.pad_nchw(a.detach().numpy(), m.detach().numpy(), c.detach().numpy(), n.numpy(), dirty)
     except kernels.NumbaError as exc:  # numba compiles on first call; ``a`` is not written before that
         KERNELS.disable(exc)
         return False
-    finally:
-        numba.set_num_threads(previous)
     return True
 
 
@@ -212,12 +205,12 @@ def neighbour_pad(a: Tensor, mask: Tensor, rounds: int, cache: MaskCache, in_pla
     coeffs = cache.get(mask, ("fill", rounds), lambda: fill_coefficients(mask, rounds))
     if not in_place:
         a = a.clone()
-    if _pad_compiled(a, mask, rounds, needed, coeffs, cache, dirty):
-        return a
     batch, channels, h, w = a.shape
     # A channels-last map (ConvNeXt's residual stream, after its permutes) takes oneDNN's fast
     # channels-last depthwise conv: (8, 144, 56, 56) 1.9 ms against 7.8 ms NCHW, one thread.
     shifted = not _channels_last(a) and (channels <= SEPARABLE_MAX_CHANNELS or h * w >= SHIFTED_MIN_POSITIONS)
+    if shifted and _pad_compiled(a, mask, rounds, needed, coeffs, cache, dirty):
+        return a
     for images, chans, n in _chunks(needed, channels, a[0].numel() * a.element_size(), shifted):
         sub = a[images, chans]
         if dirty:
