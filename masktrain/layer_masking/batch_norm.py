@@ -17,6 +17,8 @@ normalisation, forward and backward.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -47,24 +49,62 @@ def masked_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: Masked, cache: Mas
         if not torch.is_grad_enabled():
             return Masked(out, x.m, dirty=True)  # per position: the removed ones are zeroed lazily
         return Masked(out.mul_(x.m), x.m)  # in place: BN's backward saves its input, not its output
-    if x.dirty and overwrite:
-        x = Masked(x.a.mul_(x.m), x.m)
-    x = clean(x)
-    a, m = x.a, x.m
-    n, p = _visible_fraction(m, cache)
+    n, p = _visible_fraction(x.m, cache)
     if n == 0:  # nothing visible anywhere in the batch: no statistics, output all removed
-        return Masked(a * 0, m)
-    mean = a.sum(dim=(0, 2, 3)) / n  # a is zero where removed
-    removed = cache.get(m, "removed", lambda: 1 - m)
-    # a's sum has no saved tensors and addcmul's gradient for a is the identity: in place is autograd-safe
-    shifted = a.addcmul_(removed, mean.view(1, -1, 1, 1)) if overwrite else torch.addcmul(a, removed, mean.view(1, -1, 1, 1))
-    weight = bn.weight if bn.weight is not None else torch.ones_like(mean)
-    out, _, invstd = torch.native_batch_norm(
-        shifted, weight * p**0.5, bn.bias, None, None, True, 0.0, bn.eps * p
-    )
+        return Masked(clean(x).a * 0, x.m)
+    removed = cache.get(x.m, "removed", lambda: 1 - x.m)
+    weight = bn.weight if bn.weight is not None else torch.ones(x.a.shape[1], dtype=x.a.dtype, device=x.a.device)
+    out, mean, invstd = _VisibleBatchNorm.apply(x.a, x.m, removed, weight, bn.bias, n, p, bn.eps, x.dirty, overwrite)
     if bn.training and bn.track_running_stats:
-        _update_running_stats(bn, mean.detach(), invstd.detach(), n, p)
-    return Masked(out.mul_(m), m)
+        _update_running_stats(bn, mean, invstd, n, p)
+    return Masked(out, x.m)
+
+
+class _VisibleBatchNorm(torch.autograd.Function):
+    """Training-mode batch norm over visible positions, forward as the shift trick above.
+
+    A custom backward because autograd's, through ``mean`` and the shift, costs three extra
+    full-size passes (``g·removed``, its sum, and the accumulation of the sum's expanded
+    gradient). Here: the gradient of the shifted input ``gs`` comes from torch's batch-norm
+    backward on ``g·m``; every removed position of the shifted input holds ``mu``, so ``gs``
+    there is one per-channel value, known in closed form from that backward's outputs, and the
+    gradient of ``a`` is ``m · (gs + (N − n)/n · gs_removed)`` (``N`` positions per channel).
+    """
+
+    @staticmethod
+    def forward(ctx, a: Tensor, m: Tensor, removed: Tensor, weight: Tensor, bias: Optional[Tensor], n: float,
+                p: float, eps: float, dirty: bool, overwrite: bool):
+        # ``overwrite``: ``a`` is read by nothing else and saved by no autograd node (a conv output)
+        if dirty:
+            a = a.mul_(m) if overwrite else a * m
+            overwrite = True
+        mean = a.sum(dim=(0, 2, 3)) / n  # a is zero where removed
+        shift = mean.view(1, -1, 1, 1)
+        shifted = a.addcmul_(removed, shift) if overwrite else torch.addcmul(a, removed, shift)
+        scaled = weight * p**0.5
+        out, save_mean, invstd = torch.native_batch_norm(shifted, scaled, bias, None, None, True, 0.0, eps * p)
+        out.mul_(m)
+        ctx.save_for_backward(shifted, m, scaled, mean, save_mean, invstd)
+        ctx.stats = (n, p, eps, bias is not None)
+        ctx.mark_non_differentiable(mean, invstd)
+        return out, mean, invstd
+
+    @staticmethod
+    def backward(ctx, g: Tensor, _mean: Tensor, _invstd: Tensor):
+        shifted, m, scaled, mean, save_mean, invstd = ctx.saved_tensors
+        n, p, eps, has_bias = ctx.stats
+        need_a, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4] and has_bias
+        gs, g_scaled, g_bias = torch.ops.aten.native_batch_norm_backward(
+            g * m, shifted, scaled, None, None, save_mean, invstd, True, eps * p, [need_a, True, True])
+        g_a = None
+        if need_a:
+            total = shifted.numel() // shifted.shape[1]
+            # torch's formula at a position holding x = mu: w·invstd·(−Σg/N − (mu − mean)·invstd·Σ(g·x̂)/N),
+            # with Σg = g_bias and Σ(g·x̂) = g_scaled (the normalised input x̂ = (x − mean)·invstd)
+            at_removed = (-g_bias - (mean - save_mean) * invstd * g_scaled) / total * invstd * scaled
+            g_a = gs.add_((at_removed * ((total - n) / n)).view(1, -1, 1, 1)).mul_(m)
+        g_w = g_scaled * p**0.5 if need_w else None
+        return g_a, None, None, g_w, g_bias if need_b else None, None, None, None, None, None
 
 
 @torch.no_grad()

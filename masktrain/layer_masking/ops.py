@@ -352,10 +352,9 @@ def masked_conv(
     # no_grad, ctx.owned_no_grad), or on the new tensor that cleaning a dirty map makes.
     sole = 0 in ctx.overwritable or (0 in ctx.owned_no_grad and not torch.is_grad_enabled())
     out = conv(neighbour_pad(x.a, x.m, rounds, ctx.cache, in_place=sole, dirty=x.dirty))
-    if torch.is_grad_enabled():
-        # In place: conv's backward needs its input and weight, not its output, so this is
-        # autograd-safe and saves one allocation per conv.
-        return Masked(out.mul_(mask), mask)
+    # Left dirty also under autograd: training-mode batch norm (the usual reader) zeroes it in
+    # place in its forward and its backward ends in ``· m`` already, which saves the backward
+    # ``g · m`` pass that re-masking here would add.
     return Masked(out, mask, dirty=True)
 
 
