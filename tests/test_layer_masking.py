@@ -289,15 +289,15 @@ def test_batch_norm_training_statistics_by_hand(momentum):
     expected = (normed * keep).sum((2, 3)) / keep.sum((2, 3))
     torch.testing.assert_close(out, expected)
 
-    # gradients equal those of the hand-written (autograd) visible-only batch norm
+    # gradients (input, weight, bias) equal those of the hand-written (autograd) visible-only batch norm
     grad_out = torch.randn_like(out)
-    (g_fast,) = torch.autograd.grad(out, x, grad_out)
+    g_fast = torch.autograd.grad(out, (x, w, b), grad_out)
     x2 = x.detach().clone().requires_grad_(True)
     xm = x2 * keep
     mean2 = xm.sum((0, 2, 3)) / keep.sum()
     var2 = ((xm - mean2.view(1, 3, 1, 1)) ** 2 * keep).sum((0, 2, 3)) / keep.sum()
     normed2 = (xm - mean2.view(1, 3, 1, 1)) / torch.sqrt(var2.view(1, 3, 1, 1) + eps) * w.view(1, 3, 1, 1) + b.view(1, 3, 1, 1)
-    (g_hand,) = torch.autograd.grad(((normed2 * keep).sum((2, 3)) / keep.sum((2, 3)) * grad_out).sum(), x2)
+    g_hand = torch.autograd.grad(((normed2 * keep).sum((2, 3)) / keep.sum((2, 3)) * grad_out).sum(), (x2, w, b))
     torch.testing.assert_close(g_fast, g_hand)
 
 
