@@ -8,7 +8,8 @@
    imports, config checks, W&B offline, data, masks, validation, checkpoints, test), with
    Lightning's SimpleProfiler attached, and times its wall clock.
 2. In this process, with the run's own config: times the same number of plain training steps
-   (forward, cross-entropy, backward, AdamW step) of the same model, batch shape and memory
+   (forward, cross-entropy, backward, AdamW step with the job's
+   parameter groups, LR schedule step) of the same model, batch shape and memory
    format on random tensors, and the pieces the job adds around them — generating the
    batches, drawing masks + filling, the validation and test forward passes.
 3. Prints ``overhead = job wall / plain steps`` (goal <= 1.15x), the profile (where the
@@ -101,6 +102,7 @@ def measure_pieces(cfg, steps: int, plain_steps: int | None) -> dict[str, float]
     import torch.nn.functional as F
     from hydra.utils import instantiate
 
+    from masktrain.lit_module import make_optimizer
     from masktrain.methods import FillMethod, get_method
     from masktrain.rng import step_generator
     from masktrain.training import build_masks
@@ -108,9 +110,10 @@ def measure_pieces(cfg, steps: int, plain_steps: int | None) -> dict[str, float]
     torch.manual_seed(0)
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model, checkpoint_path=None)
-    # The job's optimizer (fused AdamW, as MaskTrainModule.configure_optimizers), without its schedule.
-    opt = torch.optim.AdamW(model.parameters(), lr=float(cfg.optim.lr), weight_decay=float(cfg.optim.weight_decay),
-                            fused=True)
+    # The job's optimizer (same parameter groups, fused) and a per-step schedule as the job steps
+    # its LambdaLR: the plain step must do every update the job's step does.
+    opt = make_optimizer(model, float(cfg.optim.lr), float(cfg.optim.weight_decay))
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
     batch, size = int(cfg.data.batch_size), int(cfg.data.dataset.image_size)
     k = int(cfg.data.num_classes)
     images, labels = torch.rand(batch, 3, size, size), torch.randint(0, k, (batch,))
@@ -120,6 +123,7 @@ def measure_pieces(cfg, steps: int, plain_steps: int | None) -> dict[str, float]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        schedule.step()
 
     model.train()
     plain_step()  # warm-up: oneDNN picks its kernels on the first call
