@@ -75,23 +75,18 @@ def _solve_compiled(values: Tensor, keep: Tensor, tol: float, max_iter: int, min
     kernels = KERNELS.get()
     if kernels is None:
         return None
-    n, C, H, W = values.shape
-    removed = (keep[:, 0] < 0.5).to(torch.uint8)
-    groups = -(-C // 3)
-    if C != 3:  # the kernels are written for 3 channels: other counts go in zero-padded groups of 3
-        values = F.pad(values, (0, 0, 0, 0, 0, 3 * groups - C)).view(n * groups, 3, H, W)
-        removed = removed.repeat_interleave(groups, 0)
-    values, removed = values.contiguous(), removed.contiguous()
+    removed = (keep[:, 0] < 0.5).to(torch.uint8).contiguous()
+    values = values.contiguous()
     out = torch.empty_like(values)
     try:
         with numba_threads_like_torch() as threads:
             kernels.solve_batch(values.numpy(), removed.numpy(), out.numpy(), float(tol), int(max_iter),
                                 max(2, min_side // 2), kernels.COARSE_SCALE, kernels.COARSEST_SWEEPS,
-                                kernels.COARSE_NEED, kernels.SWEEPS, threads)
+                                kernels.COARSE_NEED, kernels.SWEEPS, threads, kernels.OMEGA)
     except kernels.NumbaError as exc:  # numba compiles on first call; nothing was returned yet
         KERNELS.disable(exc)
         return None
-    return out if C == 3 else out.view(n, 3 * groups, H, W)[:, :C]
+    return out
 
 
 def _neighbour_sum(x: Tensor) -> Tensor:

@@ -95,7 +95,9 @@ def test_exact_on_a_constant_image():
     images = colour.expand(3, 3, 48, 48).clone()
     keep = _masks("rectangles", 3, 48, g)
     out = fill(torch.where(keep.bool(), images, torch.rand(images.shape, generator=g)), keep, "noisy_linear", noise_std=0.0)
-    assert (out - images).abs().max() < 1e-5
+    # exact up to the stopping rule: tol=2e-6 (scaled residual) leaves up to ~5x that here (seeds 5-9 at 48²:
+    # compiled solver 6.2e-6 to 1.04e-5, the Gauss-Seidel version before it 5.4e-6 to 9.4e-6, torch 7.4e-6 to 1.7e-5)
+    assert (out - images).abs().max() < 2e-5
 
 
 def test_noise_is_added_to_removed_pixels_only_with_the_given_std():
