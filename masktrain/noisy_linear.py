@@ -18,9 +18,9 @@ symmetric positive definite: we solve it with conjugate gradients preconditioned
 geometric multigrid V-cycle. Two implementations, chosen by ``solver=``:
 
 - ``auto`` on CPU tensors: the compiled solver of :mod:`masktrain.noisy_linear_kernels`
-  (numba) — the removed pixels only, all channels with one hierarchy, Gauss-Seidel smoothing;
-  6-8 CG iterations at 224² on patches, blobs and rectangles. Images run in parallel over
-  ``torch.get_num_threads()`` threads.
+  (numba) — planar arrays, every stencil one vectorised loop over the row spans of the
+  holes, Jacobi smoothing, all channels with one hierarchy; 7-10 CG iterations at 224² on
+  patches, blobs and rectangles. Images run in parallel over ``torch.get_num_threads()`` threads.
 - ``torch`` (and ``auto`` on any other device, e.g. CUDA): the batched tensor solver below,
   the operator applied as a separable 3x3 stencil over the whole batch. Its preconditioner
   (``preconditioner=``) is a multigrid V-cycle with damped-Jacobi smoothing (default;
@@ -29,22 +29,23 @@ geometric multigrid V-cycle. Two implementations, chosen by ``solver=``:
 
 Stopping rule (the stated tolerance, the same for both): every image and channel stops when
 its scaled residual ``max_i |r_i| / D_i`` — how far any removed pixel is from the weighted mean
-of its neighbours — is at most ``tol``. With ``tol=2e-6`` (default) the result matched ROAD's
-own imputer (noise 0) at 224² to at most 2.6e-5 (compiled) and 4.3e-5 (torch multigrid) max abs
-error on random patches, blobs and two rectangles covering ~40% (benchmarks/attribution.py);
-the error grows about 10-25x ``tol`` (``tol=1e-5``: 1.4e-4, one CG iteration fewer), so the
-default keeps a wide margin under the 1e-3 goal (at most 1.3e-5 on a big square hole, thin
-lines, 98% removed and single-pixel holes at 32²-224²; the tests hold those to 2e-4). The tests
-check both solvers against a direct sparse solve.
+of its neighbours — is at most ``tol``. With ``tol=2e-6`` (default) the compiled solver matched
+ROAD's own imputer (noise 0) at 224² to at most 2.0e-5 max abs error on random patches, blobs,
+two rectangles, a big square hole, thin lines, 98% removed and single-pixel holes
+(benchmarks/attribution.py, 2026-12-02); the torch multigrid solver to 4.3e-5 in an earlier
+session. The error is ~5-10x ``tol`` (on a constant image at 48²: up to 1.04e-5), so the default
+keeps a wide margin under the 1e-3 goal. The tests check both solvers against a direct sparse
+solve (to 2e-4).
 
-Speed on a CPU (AMD EPYC, 2 cores, AVX2, quiet, 2026-12-02; batch 16 at 224², ROAD timed per
-image as its users call it, side by side in one run of ``benchmarks/attribution.py``; see README
-"Speed of noisy_linear"): the compiled solver is 16-27x faster per image than ROAD at 1 thread
-and 26-34x at 2 threads on patches, blobs and rectangles; 26-57x on a big square hole, thin
-lines and 98% removed, 7-12x on single-pixel holes (where ROAD is fast: ROAD spends most of its
-time building its sparse system). The 50x goal is not met on the issue's masks. The torch
-solver was 2-3x ROAD at 1 thread in an earlier session (AVX-512 machine); it is meant for a
-GPU, where it has not been measured (no GPU was available).
+Speed on a CPU (AMD EPYC, 2 cores, AVX2, **shared** with other jobs, load 3.6-5.0, 2026-12-02;
+batch 16 at 224², ROAD timed per image as its users call it, side by side in one run of
+``benchmarks/attribution.py``; README "Speed of noisy_linear"): the compiled solver was 25x /
+33x / 55x faster per image than ROAD at 1 thread on patches / blobs / rectangles (the
+Gauss-Seidel version before it, run just before: 11x / 12x / 24x), 47-135x on a big square
+hole, thin lines and 98% removed, 17x on single-pixel holes (where ROAD is fast: it spends most
+of its time building its sparse system). The 50x goal is not met on patches and blobs. The
+torch solver was 2-3x ROAD at 1 thread in an earlier session (AVX-512 machine); it is meant
+for a GPU, where it has not been measured (no GPU was available).
 
 Two deliberate differences from ROAD, both outside its defined cases: an image with no
 visible pixel (ROAD's matrix is singular there) gets the fallback colour, and with

@@ -42,7 +42,7 @@ DIRECT, DIAGONAL = 1.0 / 6.0, 1.0 / 12.0
 # coarsest grid took 7-10 CG iterations on patches, blobs and rectangles (one sweep: 10-15 iterations
 # and no faster; three: 6-8, no faster; coarse scale 1.2: 9-11; Jacobi weight 0.8-0.9: no better;
 # bilinear transfer instead of piecewise-constant: one iteration fewer at a higher cost per cycle).
-# A coarse cell is an unknown only when all its children are (``COARSE_NEED`` = 4).
+# A coarse cell is an unknown only when all its children are (``COARSE_NEED`` = 4; 1-3: more iterations).
 SWEEPS, COARSE_SCALE, COARSE_NEED, COARSEST_SWEEPS, OMEGA = 2, 1.0, 4, 10, 1.0
 FLOAT = np.float32
 F_DIRECT, F_DIAGONAL = FLOAT(DIRECT), FLOAT(DIAGONAL)
