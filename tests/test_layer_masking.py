@@ -522,6 +522,56 @@ def test_no_grad_fast_paths_match_autograd_path_and_ignore_removed_values(name):
     assert _rel(out, ref) < 1e-10
 
 
+@pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0", "mobilenetv3_small_100"])
+def test_train_mode_gradients_equal_finite_differences(monkeypatch, name):
+    """The training-mode backward is the true gradient of the layer-masked model. Lazy re-masking
+    drops ``g·m`` passes (dirty conv and batch-norm outputs, the ReLU that zeroes them): if any reader
+    sent a gradient to a removed position, autograd's directional derivative would disagree with a
+    central finite difference along a random direction of every parameter and input pixel (float64).
+    The neighbour-padding fill is detached by design (no gradient through it), so here its 3×3 sums
+    are made differentiable: then autograd must give the gradient of the whole function."""
+    from masktrain.layer_masking import neighbour_padding as npad
+
+    def differentiable_box_sum(a, cache=None):
+        with torch.enable_grad():  # neighbour_pad calls this under no_grad to detach the fill
+            # a copy: the padding updates ``a`` in place, and the conv saves its input for backward
+            return torch.nn.functional.conv2d(a.clone(), torch.ones(a.shape[1], 1, 3, 3, dtype=a.dtype), padding=1,
+                                              groups=a.shape[1])
+
+    monkeypatch.setattr(npad, "box_sum", differentiable_box_sum)
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=5).double().train()
+    for bn in model.modules():  # timm zero-initialises the last BN of a block; there the plain model's FD is off too
+        if isinstance(bn, nn.BatchNorm2d):
+            nn.init.uniform_(bn.weight, 0.5, 1.5)
+    x = torch.randn(2, 3, 48, 48, dtype=torch.float64)
+    keep = _patch_keep(2, 48, 8, seed=3)
+    target = torch.randn(2, 5, dtype=torch.float64)
+    masked = layer_mask(model)
+    params = list(model.parameters())
+
+    def loss(inp):  # train-mode outputs use batch statistics, so the running-statistics updates change nothing
+        return (masked(inp, keep).log_softmax(1) * target).sum()
+
+    xg = x.clone().requires_grad_(True)
+    grads = torch.autograd.grad(loss(xg), [xg] + params)
+    assert grads[0][keep.expand_as(x) == 0].abs().max() == 0  # removed pixels get no gradient
+    direction = [torch.randn_like(t) for t in [x] + params]
+    analytic = sum((g * d).sum() for g, d in zip(grads, direction))
+    eps = 1e-7  # the loss curves fast along a random direction: at 1e-6 even the plain model's FD is off by 1e-2
+    with torch.no_grad():
+        def shifted(sign):
+            for p, d in zip(params, direction[1:]):
+                p.add_(d, alpha=sign * eps)
+            value = loss(x + sign * eps * direction[0])
+            for p, d in zip(params, direction[1:]):
+                p.sub_(d, alpha=sign * eps)
+            return value
+
+        numeric = (shifted(1) - shifted(-1)) / (2 * eps)
+    assert abs(float(analytic - numeric)) <= 1e-4 * max(1.0, abs(float(numeric))), (float(analytic), float(numeric))
+
+
 @pytest.mark.parametrize("name", ["resnet18", "efficientnet_b0"])
 def test_in_place_paths_match_out_of_place(monkeypatch, name):
     """Writing into operands nothing else reads (residual add, training BN) changes no output or gradient."""

@@ -1,10 +1,13 @@
 """Batch norm over visible positions only.
 
-Evaluation (running statistics): ``bn(a) * m`` (``a`` is 0 where removed, so this is ``bn(a·m)·m``).
+Evaluation (running statistics): ``bn(a)`` at visible positions (``a`` is 0 where removed, so this is
+``bn(a·m)·m`` there); the removed positions are left dirty for the reader to zero.
 
 Training (or a BN without running statistics): per channel, mean and biased variance
 over the visible positions of the batch (``n = sum(m)`` positions, the same for every
-channel), normalise, affine, ``* m``. Running statistics are updated like torch's BN:
+channel), normalise, affine; the removed positions are left dirty (see
+:class:`~masktrain.layer_masking.masked.Masked`: the reader zeroes them, and no reader sends a
+gradient back to them). Running statistics are updated like torch's BN:
 ``running = (1 - f) * running + f * stat`` with ``f = momentum`` (or ``1 /
 num_batches_tracked`` when momentum is None), the variance unbiased with ``n / (n - 1)``,
 and ``num_batches_tracked`` incremented.
@@ -46,9 +49,7 @@ def masked_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: Masked, cache: Mas
     if not use_batch_stats:
         # F.batch_norm, not bn(): subclasses such as timm's BatchNormAct2d append their own act.
         out = F.batch_norm(x.a, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
-        if not torch.is_grad_enabled():
-            return Masked(out, x.m, dirty=True)  # per position: the removed ones are zeroed lazily
-        return Masked(out.mul_(x.m), x.m)  # in place: BN's backward saves its input, not its output
+        return Masked(out, x.m, dirty=True)  # per position: the removed ones are zeroed lazily
     n, p = _visible_fraction(x.m, cache)
     if n == 0:  # nothing visible anywhere in the batch: no statistics, output all removed
         return Masked(clean(x).a * 0, x.m)
@@ -57,7 +58,10 @@ def masked_batch_norm(bn: nn.modules.batchnorm._BatchNorm, x: Masked, cache: Mas
     out, mean, invstd = _VisibleBatchNorm.apply(x.a, x.m, removed, weight, bn.bias, n, p, bn.eps, x.dirty, overwrite)
     if bn.training and bn.track_running_stats:
         _update_running_stats(bn, mean, invstd, n, p)
-    return Masked(out, x.m)
+    # Left dirty: the reader zeroes the removed positions (a ReLU in its own pass, a k×k conv's
+    # padding, the next batch norm), and no reader passes a gradient back to a removed position
+    # of a dirty map, so the backward needs no ``g·m`` either.
+    return Masked(out, x.m, dirty=True)
 
 
 class _VisibleBatchNorm(torch.autograd.Function):
@@ -66,7 +70,8 @@ class _VisibleBatchNorm(torch.autograd.Function):
     A custom backward because autograd's, through ``mean`` and the shift, costs three extra
     full-size passes (``g·removed``, its sum, and the accumulation of the sum's expanded
     gradient). Here: the gradient of the shifted input ``gs`` comes from torch's batch-norm
-    backward on ``g·m``; every removed position of the shifted input holds ``mu``, so ``gs``
+    backward on ``g`` (already zero at removed positions: the output is dirty, and readers of a
+    dirty map send no gradient to its removed positions); every removed position of the shifted input holds ``mu``, so ``gs``
     there is one per-channel value, known in closed form from that backward's outputs, and the
     gradient of ``a`` is ``m · (gs + (N − n)/n · gs_removed)`` (``N`` positions per channel).
     """
@@ -83,7 +88,6 @@ class _VisibleBatchNorm(torch.autograd.Function):
         shifted = a.addcmul_(removed, shift) if overwrite else torch.addcmul(a, removed, shift)
         scaled = weight * p**0.5
         out, save_mean, invstd = torch.native_batch_norm(shifted, scaled, bias, None, None, True, 0.0, eps * p)
-        out.mul_(m)
         ctx.save_for_backward(shifted, m, scaled, mean, save_mean, invstd)
         ctx.stats = (n, p, eps, bias is not None)
         ctx.mark_non_differentiable(mean, invstd)
@@ -95,7 +99,7 @@ class _VisibleBatchNorm(torch.autograd.Function):
         n, p, eps, has_bias = ctx.stats
         need_a, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4] and has_bias
         gs, g_scaled, g_bias = torch.ops.aten.native_batch_norm_backward(
-            g * m, shifted, scaled, None, None, save_mean, invstd, True, eps * p, [need_a, True, True])
+            g, shifted, scaled, None, None, save_mean, invstd, True, eps * p, [need_a, True, True])
         g_a = None
         if need_a:
             total = shifted.numel() // shifted.shape[1]

@@ -12,6 +12,12 @@ products, channel concatenation) need not zero the removed positions; the next o
 reads across positions or sums over them (a k×k convolution's neighbour padding, pooling,
 training-mode batch norm) calls :func:`clean` first, or zeroes them fused into its own pass
 (ReLU). Visible values are bit-for-bit those of the eager ``f(a·m)·m`` rules.
+
+Gradients: no reader sends a gradient back to a removed position of a dirty map. The op
+that zeroes them (``a·m``, the ReLU's clamp) has a backward that is zero there, and the
+per-position ops in between pass zeros on. So the op that produced a dirty map (a conv, a
+training-mode batch norm) needs no ``g·m`` pass in its backward; a new rule that reads a dirty
+map across positions must clean it first (:func:`clean`), which keeps this true.
 """
 from __future__ import annotations
 

@@ -51,23 +51,45 @@ def _zero_preserving_module(ctx: Ctx, mod: nn.Module, args: tuple, kwargs: dict)
     return Masked(mod(x.a), x.m, x.dirty, x.layout)
 
 
-def _relu_clean(ctx: Ctx, x: Masked, inplace: bool) -> Optional[Tensor]:
-    """``relu(a)·m`` in one pass, ``clamp(a, 0, cap)`` with ``cap = inf`` where visible and 0 where
-    removed; ``None`` under autograd (an in-place clamp would have to save its input)."""
+class _ReluClean(torch.autograd.Function):
+    """``relu(a)·m`` as one clamp under autograd, with the plain ReLU's backward.
+
+    ``clamp(a, 0, cap)`` (``cap`` = inf where visible, 0 where removed) zeroes the removed
+    positions in the same pass as the ReLU. The backward is ReLU's own ``threshold_backward(g, out, 0)``,
+    which is also zero at every removed position (``out`` is 0 there): a dirty map read only by a
+    ReLU (the training-mode batch norm before it) needs no ``g·m`` pass of its own.
+    """
+
+    @staticmethod
+    def forward(ctx, a: Tensor, zero: Tensor, cap: Tensor, inplace: bool) -> Tensor:
+        if inplace:
+            out = a.clamp_(zero, cap)
+            ctx.mark_dirty(a)
+        else:
+            out = torch.clamp(a, zero, cap)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        (out,) = ctx.saved_tensors
+        return torch.ops.aten.threshold_backward(g, out, 0), None, None, None
+
+
+def _relu_clean(ctx: Ctx, x: Masked, inplace: bool) -> Tensor:
+    """``relu(a)·m`` in one pass: ``clamp(a, 0, cap)`` with ``cap = inf`` where visible and 0 where removed."""
     a, m = x.a, x.m
-    if torch.is_grad_enabled() and a.requires_grad:
-        return None
     cap = ctx.cache.get(m, ("relu_cap", x.layout), lambda: torch.where(mask_view(x) > 0, float("inf"), 0.0).to(m.dtype))
     zero = ctx.cache.const(("zero", a.dtype, a.device), lambda: torch.zeros((), dtype=a.dtype, device=a.device))
+    if torch.is_grad_enabled() and a.requires_grad:
+        return _ReluClean.apply(a, zero, cap, inplace)
     return a.clamp_(zero, cap) if inplace else torch.clamp(a, zero, cap)
 
 
 def _relu_module(ctx: Ctx, mod: nn.ReLU, args: tuple, kwargs: dict) -> Masked:
     x = args[0]
     if x.dirty:
-        out = _relu_clean(ctx, x, mod.inplace)
-        if out is not None:
-            return Masked(out, x.m, False, x.layout)
+        return Masked(_relu_clean(ctx, x, mod.inplace), x.m, False, x.layout)
     return Masked(mod(x.a), x.m, x.dirty, x.layout)
 
 
