@@ -15,7 +15,7 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from masktrain.cli import preflight, removed_on_user_error
 from masktrain.errors import exit_on_user_error
@@ -54,9 +54,19 @@ def main(cfg: DictConfig) -> None:
     console.print(f"run directory: {run_dir}")
 
 
-if __name__ == "__main__":
-    from masktrain.sweeps import check_parallel_sweep
+def _validate(cfg: DictConfig) -> None:
+    """Preflight check of one job; first imports wandb's run machinery when the job logs to W&B,
+    before ``masktrain.training`` loads torch and Lightning (cheaper then: masktrain.tracking)."""
+    from masktrain.tracking import import_wandb_early
+
+    import_wandb_early(OmegaConf.select(cfg, "logger._target_"))
     from masktrain.training import validate_config
 
-    preflight("train", sys.argv[1:], validate_config, check_jobs=lambda jobs: check_parallel_sweep(sys.argv[1:], jobs))
+    validate_config(cfg)
+
+
+if __name__ == "__main__":
+    from masktrain.sweeps import check_parallel_sweep
+
+    preflight("train", sys.argv[1:], _validate, check_jobs=lambda jobs: check_parallel_sweep(sys.argv[1:], jobs))
     main()

@@ -86,3 +86,20 @@ def test_a_subclass_that_renders_its_own_samples_is_fetched_one_by_one():
     ds = Inverted("test", length=8)
     images, _, _ = next(iter(DataLoader(ds, batch_size=8)))
     assert torch.equal(images, torch.stack([ds[i][0] for i in range(8)]))
+
+
+def test_val_batches_are_rendered_once_and_handed_out_as_copies(monkeypatch):
+    renders = []
+    real = CuesDataset.render_batch
+    monkeypatch.setattr(CuesDataset, "render_batch", lambda self, idx, **kw: renders.append(self.split) or real(self, idx, **kw))
+    val, train = CuesDataset("val", length=64), CuesDataset("train", length=64)
+    indices = list(range(0, 64, 3))
+    first = val.__getitems__(indices)
+    first[0][0].fill_(7.0)  # a caller writing into its batch must not reach the next epoch's
+    second = val.__getitems__(indices)
+    assert renders == ["val"]
+    assert_same_samples(second, val, indices)
+    train.__getitems__(indices)
+    train.set_epoch(1)
+    assert_same_samples(train.__getitems__(indices), train, indices)  # fresh every epoch: never cached
+    assert renders == ["val", "train", "train"]

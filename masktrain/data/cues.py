@@ -49,6 +49,8 @@ NEUTRAL_OUTLINE = "disk"
 VARIANTS = ("clean", "content_only", "outline_only", "cue_conflict")
 #: Factory split names that render the test split with a cue variant.
 CUE_SPLITS = VARIANTS[1:]
+#: Most bytes of rendered val/test batches a dataset keeps (:meth:`CuesDataset.__getitems__`).
+EVAL_CACHE_BYTES = 256 * 2**20
 
 
 def class_cues(num_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -128,6 +130,10 @@ class CuesDataset(torch.utils.data.Dataset):
         n = self.image_size
         centres = (np.arange(n) + 0.5) / n
         self._gy, self._gx = np.meshgrid(centres, centres, indexing="ij")
+        # Rendered val/test batches by their index tuple: those splits do not change with the epoch,
+        # and the trainer fetches the same validation batches every epoch.
+        self._eval_cache: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        self._eval_cache_bytes = 0
 
     def __len__(self) -> int:
         return self.length
@@ -322,10 +328,27 @@ class CuesDataset(torch.utils.data.Dataset):
         renders samples its own way (overrides ``__getitem__`` or ``sample``) is fetched one by one."""
         if type(self).__getitem__ is not CuesDataset.__getitem__ or type(self).sample is not CuesDataset.sample:
             return [self[i] for i in indices]
-        images, labels, masks = self.render_batch(indices)
+        images, labels, masks = self._rendered(indices)
         images = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
         masks = torch.from_numpy(np.ascontiguousarray(masks[:, None]))
         return [(images[i], int(labels[i]), masks[i]) for i in range(len(labels))]
+
+    def _rendered(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`render_batch` of ``indices``; val/test batches come from a cache after their first
+        fetch (up to :data:`EVAL_CACHE_BYTES`), as copies, so a caller that writes into a batch
+        cannot change a later one. Train batches are fresh every epoch and never cached."""
+        if self.split == "train":
+            return self.render_batch(indices)
+        key = tuple(int(i) for i in indices)
+        hit = self._eval_cache.get(key)
+        if hit is None:
+            hit = self.render_batch(key)
+            size = sum(a.nbytes for a in hit)
+            if self._eval_cache_bytes + size > EVAL_CACHE_BYTES:
+                return hit
+            self._eval_cache[key] = hit
+            self._eval_cache_bytes += size
+        return tuple(a.copy() for a in hit)
 
     def background(self, index: int) -> torch.Tensor:
         """Sample ``index``'s background without its object ``(3, H, W)`` (the probes' ``background`` donor)."""
