@@ -32,6 +32,9 @@ def main(cfg: DictConfig) -> None:
     from rich.table import Table
 
     from masktrain.training import train
+    from masktrain.malloc_tuning import keep_freed_memory
+
+    keep_freed_memory()  # before the first training step allocates its activations
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)

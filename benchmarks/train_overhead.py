@@ -103,10 +103,12 @@ def measure_pieces(cfg, steps: int, plain_steps: int | None) -> dict[str, float]
     from hydra.utils import instantiate
 
     from masktrain.lit_module import make_optimizer
+    from masktrain.malloc_tuning import keep_freed_memory
     from masktrain.methods import FillMethod, get_method
     from masktrain.rng import step_generator
     from masktrain.training import build_masks
 
+    keep_freed_memory()  # as train.py does: the plain steps get the job's allocator settings
     torch.manual_seed(0)
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model, checkpoint_path=None)
