@@ -31,8 +31,8 @@ def main(cfg: DictConfig) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from masktrain.training import train
     from masktrain.malloc_tuning import keep_freed_memory
+    from masktrain.training import train
 
     keep_freed_memory()  # before the first training step allocates its activations
 

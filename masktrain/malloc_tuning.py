@@ -5,7 +5,9 @@ glibc's malloc serves big blocks (a CNN's activations and gradients, tens of MB 
 memory in afresh: the kernel zeroes each new page. Raising the mmap and trim thresholds (as
 ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` would) lets malloc reuse those blocks.
 Measured on the main job (``python benchmarks/train_overhead.py --plain-steps 40``, AMD EPYC,
-2 cores, AVX2, quiet, one run each): system CPU time 22.7 s -> 6.4 s, job wall 228 s -> 217 s.
+2 cores, AVX2, quiet, one run each): without it 228.2 s wall, 22.7 s system CPU time, the job's
+steps 22% slower than plain ones; with it (this function) 201.7 s wall, 6.7 s system time, the
+steps within 1% of plain ones.
 """
 from __future__ import annotations
 

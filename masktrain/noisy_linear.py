@@ -43,8 +43,10 @@ batch 16 at 224², ROAD timed per image as its users call it, side by side in on
 33x / 55x faster per image than ROAD at 1 thread on patches / blobs / rectangles (the
 Gauss-Seidel version before it, run just before: 11x / 12x / 24x), 47-135x on a big square
 hole, thin lines and 98% removed, 17x on single-pixel holes (where ROAD is fast: it spends most
-of its time building its sparse system). The 50x goal is not met on patches and blobs. The
-torch solver was 2-3x ROAD at 1 thread in an earlier session (AVX-512 machine); it is meant
+of its time building its sparse system). Quiet, same machine and day (two runs of
+``--repeats 3``): 49.6-51.1x / 24.4-27.7x / 43.3-44.7x at 1 thread and 48.6-56.5x / 34.0-42.4x /
+79.4-85.1x at 2 threads, so the 50x goal is met at 2 threads on patches and rectangles, not on
+blobs. The torch solver was 2-3x ROAD at 1 thread in an earlier session (AVX-512 machine); it is meant
 for a GPU, where it has not been measured (no GPU was available).
 
 Two deliberate differences from ROAD, both outside its defined cases: an image with no

@@ -1,6 +1,7 @@
 """masktrain.malloc_tuning: glibc thresholds raised for the job, the user's own allocator settings left alone."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -12,8 +13,6 @@ CHECK = "from masktrain.malloc_tuning import keep_freed_memory; print(keep_freed
 
 
 def _run(env_extra: dict) -> str:
-    import os
-
     env = {k: v for k, v in os.environ.items() if k not in malloc_tuning.USER_VARIABLES}
     env.update(env_extra)
     return subprocess.run([sys.executable, "-c", CHECK], env=env, capture_output=True, text=True, check=True).stdout.strip()
