@@ -14,6 +14,12 @@ from __future__ import annotations
 import os
 import sys
 
+if __name__ == "__main__":  # before the imports: no cyclic collections while they run (masktrain.gc_tuning)
+    from masktrain.gc_tuning import collect_once_at_exit, defer_collections
+
+    defer_collections()
+    collect_once_at_exit()
+
 # Before torch loads OpenMP: threads that wait for work sleep instead of spinning. On a small
 # machine shared with other jobs, spinning threads steal the cores their siblings need — the
 # probes' small kernels (mask_only's CNN) ran ~10x slower on 2 busy cores, resnet18 ~2x.
@@ -202,8 +208,10 @@ def main(cfg: DictConfig) -> None:
     import torch
 
     from masktrain.evaluation import evaluate
+    from masktrain.gc_tuning import freeze_startup_objects
     from masktrain.reports import log_wandb, write_report
 
+    freeze_startup_objects()  # the imports are done: the collector stops walking their objects
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     if cfg.threads:
         torch.set_num_threads(int(cfg.threads))

@@ -9,6 +9,12 @@ Recipes live in recipes/recipe/; any value can be overridden on the command line
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the imports: no cyclic collections while they run (masktrain.gc_tuning)
+    from masktrain.gc_tuning import collect_once_at_exit, defer_collections
+
+    defer_collections()
+    collect_once_at_exit()
+
 import sys
 from pathlib import Path
 
@@ -31,9 +37,11 @@ def main(cfg: DictConfig) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from masktrain.gc_tuning import freeze_startup_objects
     from masktrain.malloc_tuning import keep_freed_memory
     from masktrain.training import train
 
+    freeze_startup_objects()  # the imports are done: the collector stops walking their objects
     keep_freed_memory()  # before the first training step allocates its activations
 
     hydra_cfg = HydraConfig.get()
