@@ -301,14 +301,14 @@ def _workspace(C, H, W, min_side):
 
 
 @numba.njit(**JIT)
-def _rhs(r, x, e, v, m, wdinv, dinv, lo, hi, r0, r1, wp, C, worst):
+def _rhs(r, x, e, v, m, wdinv, dinv, lo, hi, r0, r1, wp, C, tol, active):
     """The start of CG from ``x = 0``: ``r = b = m N v`` over the row spans (``v`` the visible values, zero at
-    the unknowns), ``e = omega D^-1 r`` (the V-cycle's first sweep); ``worst[c]`` = the channel's scaled
-    residual ``max |r_i| / D_i``."""
+    the unknowns), ``e = omega D^-1 r`` (the V-cycle's first sweep); ``active[c]``: the channel's scaled
+    residual ``max_i |r_i| / D_i`` exceeds ``tol`` (counted as in :func:`_update`)."""
     uwp = U(wp)
     for c in range(C):
         vc, xc, rc, ec = v[c], x[c], r[c], e[c]
-        wst = 0.0
+        over = 0
         for i in range(r0, r1 + 1):
             base = i * wp
             for k in range(U(base + lo[i]), U(base + hi[i] + 1)):
@@ -317,8 +317,56 @@ def _rhs(r, x, e, v, m, wdinv, dinv, lo, hi, r0, r1, wp, C, worst):
                 rc[k] = b
                 ec[k] = wdinv[k] * b
                 xc[k] = 0.0
-                wst = max(wst, abs(b) * dinv[k])
-        worst[c] = wst
+                over += abs(b) * dinv[k] > tol
+        active[c] = over > 0
+
+
+@numba.njit(**JIT)
+def _apply(q, p, m, dg, lo, hi, r0, r1, wp, active, pq):
+    """``q = A p = m (D p - N p)`` (float64 arithmetic, float32 storage) and ``pq[c] = <p, q>`` for the
+    active channels; ``p`` is zero off the unknowns."""
+    uwp = U(wp)
+    for c in range(p.shape[0]):
+        if not active[c]:
+            continue
+        pc, qc = p[c], q[c]
+        s = 0.0
+        for i in range(r0, r1 + 1):
+            base = i * wp
+            for k in range(U(base + lo[i]), U(base + hi[i] + 1)):
+                pk = float(pc[k])
+                qk = m[k] * (pk * dg[k] - (
+                    (float(pc[k - ONE]) + pc[k + ONE] + pc[k - uwp] + pc[k + uwp]) * DIRECT
+                    + (float(pc[k - uwp - ONE]) + pc[k - uwp + ONE] + pc[k + uwp - ONE] + pc[k + uwp + ONE]) * DIAGONAL))
+                qc[k] = qk
+                s += pk * qk
+        pq[c] = s
+
+
+@numba.njit(**JIT)
+def _update(x, r, p, q, e, wdinv, dinv, alpha, lo, hi, r0, r1, wp, tol, active):
+    """For the active channels: ``x += alpha p``, ``r -= alpha q``, ``e = omega D^-1 r`` (the next V-cycle's
+    first sweep), and the stopping rule on the new ``r``: the channel stays active while its scaled
+    residual ``max_i |r_i| / D_i`` exceeds ``tol``.
+
+    The rule is evaluated as a count of the pixels over ``tol`` (> 0 exactly when the max is): numba's
+    ``max`` does not vectorise as a reduction, and with it this pass took 200 us per 224² image
+    (3 channels) instead of 51 us (AMD EPYC, AVX-512)."""
+    for c in range(p.shape[0]):
+        if not active[c]:
+            continue
+        a = alpha[c]
+        xc, rc, pc, qc, ec = x[c], r[c], p[c], q[c], e[c]
+        over = 0
+        for i in range(r0, r1 + 1):
+            base = i * wp
+            for k in range(U(base + lo[i]), U(base + hi[i] + 1)):
+                xc[k] += a * pc[k]
+                rk = rc[k] - a * qc[k]
+                rc[k] = rk
+                ec[k] = wdinv[k] * rk
+                over += abs(rk) * dinv[k] > tol
+        active[c] = over > 0
 
 
 @numba.njit(**JIT)
@@ -331,9 +379,8 @@ def _pcg(vec, m, dg, dinv, lo, hi, r0, r1, wp, active, tol, max_iter,
     The V-cycle's first sweep from zero, ``omega D^-1 r``, is formed in the pass that updates ``r`` and
     ``<r, z>`` in its last sweep, so neither needs a pass of its own."""
     C = vec.shape[1]
-    uwp = U(wp)
     x, r, p, q = vec[0], vec[1], vec[2], vec[3]
-    rz, rz_new, alpha = np.zeros(C), np.zeros(C), np.zeros(C)
+    rz, rz_new, alpha, pq = np.zeros(C), np.zeros(C), np.zeros(C), np.zeros(C)
     it = 0
     if not active.any():
         return it
@@ -349,37 +396,11 @@ def _pcg(vec, m, dg, dinv, lo, hi, r0, r1, wp, active, tol, max_iter,
             for k in range(U(base + lo[i]), U(base + hi[i] + 1)):
                 pc[k] = zc[k]
     while it < max_iter and active.any():
-        for c in range(C):  # q = A p (float64 arithmetic) and <p, q>
-            if not active[c]:
-                continue
-            pc, qc = p[c], q[c]
-            s = 0.0
-            for i in range(r0, r1 + 1):
-                base = i * wp
-                for k in range(U(base + lo[i]), U(base + hi[i] + 1)):
-                    pk = float(pc[k])
-                    qk = m[k] * (pk * dg[k] - (
-                        (float(pc[k - ONE]) + pc[k + ONE] + pc[k - uwp] + pc[k + uwp]) * DIRECT
-                        + (float(pc[k - uwp - ONE]) + pc[k - uwp + ONE] + pc[k + uwp - ONE] + pc[k + uwp + ONE]) * DIAGONAL))
-                    qc[k] = qk
-                    s += pk * qk
+        _apply(q, p, m, dg, lo, hi, r0, r1, wp, active, pq)
+        for c in range(C):
             # <p, A p> <= 0 only once the residual is at rounding level: stop moving
-            alpha[c] = rz[c] / s if s > 0.0 else 0.0
-        for c in range(C):  # x += alpha p, r -= alpha q, the stopping test on the new r, and e0 = omega D^-1 r
-            if not active[c]:
-                continue
-            a = alpha[c]
-            xc, rc, pc, qc, ec = x[c], r[c], p[c], q[c], e0[c]
-            worst = 0.0
-            for i in range(r0, r1 + 1):
-                base = i * wp
-                for k in range(U(base + lo[i]), U(base + hi[i] + 1)):
-                    xc[k] += a * pc[k]
-                    rk = rc[k] - a * qc[k]
-                    rc[k] = rk
-                    ec[k] = wd0[k] * rk
-                    worst = max(worst, abs(rk) * dinv[k])
-            active[c] = worst > tol
+            alpha[c] = rz[c] / pq[c] if pq[c] > 0.0 else 0.0
+        _update(x, r, p, q, e0, wd0, dinv, alpha, lo, hi, r0, r1, wp, tol, active)
         it += 1
         if not active.any() or it >= max_iter:
             break
@@ -455,9 +476,9 @@ def _solve_image(values, removed2d, out, tol, max_iter, omega, cs, coarsest_swee
     dinv = wdinvs[0]  # the stopping rule's 1 / D at the unknowns (0 elsewhere), = omega / D when omega = 1
     if omega != 1.0:
         dinv = m0 / dgs[0]
-    worst = np.zeros(C)
-    _rhs(r, x, es[0], v, m0, wdinvs[0], dinv, lo, hi, r0, r1, wp, C, worst)
-    it = _pcg(vec, m0, dgs[0], dinv, lo, hi, r0, r1, wp, worst > tol, tol, max_iter, es, ts, rhs, ress, ms, dgs,
+    active = np.zeros(C, np.bool_)
+    _rhs(r, x, es[0], v, m0, wdinvs[0], dinv, lo, hi, r0, r1, wp, C, tol, active)
+    it = _pcg(vec, m0, dgs[0], dinv, lo, hi, r0, r1, wp, active, tol, max_iter, es, ts, rhs, ress, ms, dgs,
               wdinvs, los, his, rows, shapes, om1, cs, sweeps, coarsest_sweeps)
     for c in range(C):
         xc, dst = x[c], out[c].ravel()
