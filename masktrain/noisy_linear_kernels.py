@@ -34,7 +34,7 @@ from numba import prange
 
 from numba.core.errors import NumbaError
 
-__all__ = ["NumbaError", "solve_batch"]
+__all__ = ["NumbaError", "clamp_removed", "solve_batch"]
 
 DIRECT, DIAGONAL = 1.0 / 6.0, 1.0 / 12.0
 # Multigrid settings, chosen by time at 224² (benchmarks/attribution.py masks, tol 2e-6, 1 thread):
@@ -506,3 +506,18 @@ def solve_batch(values, removed, out, tol, max_iter, min_side, coarse_scale, coa
             iters[b] = _solve_image(values[b], removed[b], out[b], tol, max_iter, omega, FLOAT(coarse_scale),
                                     coarsest_sweeps, need, sweeps, shapes, dgs, es, ts, rhs, ress, vecs, ms, wdinvs)
     return iters
+
+
+@numba.njit(cache=True, parallel=True)
+def clamp_removed(out, removed):
+    """Clips ``out`` ``(B, C, H, W)`` to [0, 1] in place where ``removed`` ``(B, H, W)`` (uint8) is nonzero;
+    the other pixels keep their values exactly (a select, not arithmetic)."""
+    B, C, H, W = out.shape
+    for b in prange(B):
+        for c in range(C):
+            for i in range(H):
+                o, rm = out[b, c, i], removed[b, i]
+                for j in range(W):
+                    v = o[j]
+                    lo = v if v > 0.0 else 0.0
+                    o[j] = (lo if lo < 1.0 else 1.0) if rm[j] != 0 else v
