@@ -113,6 +113,24 @@ def test_noise_is_added_to_removed_pixels_only_with_the_given_std():
     assert torch.equal(out, again)  # the generator decides the noise
 
 
+@pytest.mark.parametrize("solver", ["auto", "torch"])
+def test_clamp_clips_removed_pixels_only(solver):
+    """With large noise the removed pixels are clipped to [0, 1]; visible pixels, even outside [0, 1],
+    stay as they are (both solvers: the compiled path clips with its own kernel)."""
+    g = step_generator(12, 0, 0)
+    images = torch.rand(3, 3, 40, 40, generator=g) * 3 - 1
+    keep = _masks("blob", 3, 40, g)
+    out = noisy_linear(images, keep, noise_std=1.0, generator=step_generator(2, 0, 0), solver=solver)
+    removed = ~keep.bool().expand_as(images)
+    assert torch.equal(out[~removed], images[~removed])
+    assert out[removed].min() == 0.0 and out[removed].max() == 1.0
+    assert (out[removed] > 0).any() and (out[removed] < 1).any()
+    unclamped = noisy_linear(images, keep, noise_std=1.0, generator=step_generator(2, 0, 0), solver=solver,
+                             clamp=False)
+    assert torch.allclose(out[removed], unclamped[removed].clamp(0, 1))
+    assert (unclamped[removed] < 0).any() and (unclamped[removed] > 1).any()
+
+
 def test_nothing_visible_falls_back_to_the_mean_colour():
     images = torch.rand(2, 3, 16, 16)
     keep = torch.ones(2, 1, 16, 16)
