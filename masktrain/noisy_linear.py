@@ -47,8 +47,8 @@ of its time building its sparse system). Quiet, same machine and day (two runs o
 ``--repeats 3``): 49.6-51.1x / 24.4-27.7x / 43.3-44.7x at 1 thread and 48.6-56.5x / 34.0-42.4x /
 79.4-85.1x at 2 threads, so the 50x goal is met at 2 threads on patches and rectangles, not on
 blobs. This version, quiet, AMD EPYC with AVX-512 (2026-12-02, session 5): 109.9x / 51.0x / 108.9x
-at 1 thread and 114.4x / 61.6x / 137.0x at 2 (README). The torch solver was 2-3x ROAD at 1 thread in an earlier session (AVX-512 machine); it is meant
-for a GPU, where it has not been measured (no GPU was available).
+at 1 thread and 114.4x / 61.6x / 137.0x at 2 (README). The torch solver was 2-3x ROAD at 1 thread
+in an earlier session (AVX-512 machine); it is meant for a GPU, where it has not been measured (no GPU was available).
 
 Two deliberate differences from ROAD, both outside its defined cases: an image with no
 visible pixel (ROAD's matrix is singular there) gets the fallback colour, and with
